@@ -1,0 +1,108 @@
+"""The JSON prediction API: ``POST /predict`` (one row) and ``POST /predict/batch`` (many rows)."""
+
+from __future__ import annotations
+
+import asyncio
+import math
+from typing import Any
+
+import msgspec
+import numpy as np
+from aiohttp import web
+
+from mlserve import schemas
+from mlserve.api.errors import validation_path
+from mlserve.api.keys import SERVED, SERVICE, SETTINGS
+from mlserve.errors import BadRequest, PayloadTooLarge, ValidationFailed
+from mlserve.service import ServedVersion
+
+TIMEOUT_HEADER = "X-Request-Timeout-Ms"
+JSON = "application/json"
+
+
+def decode(decoder: msgspec.json.Decoder[Any], body: bytes) -> Any:
+    try:
+        return decoder.decode(body)
+    except msgspec.ValidationError as exc:
+        raise ValidationFailed(str(exc), validation_path(exc)) from None
+    except msgspec.DecodeError as exc:
+        raise BadRequest(f"malformed JSON: {exc}") from None
+
+
+def to_rows(samples: list[list[float]], served: ServedVersion, path: str, single: bool) -> np.ndarray:
+    """Stack decoded rows into the model's input array, refusing wrong widths and non-finite values."""
+    width = served.n_features
+    for index, row in enumerate(samples):
+        if len(row) != width:
+            where = path if single else f"{path}[{index}]"
+            raise ValidationFailed(f"expected {width} features, got {len(row)}", where)
+    rows = np.array(samples, dtype=np.float64)
+    if not np.isfinite(rows).all():
+        index, column = np.argwhere(~np.isfinite(rows))[0]
+        where = f"{path}[{column}]" if single else f"{path}[{index}][{column}]"
+        raise ValidationFailed("features must be finite numbers (no NaN or infinity)", where)
+    return rows.reshape(len(samples), *served.row_shape)
+
+
+def deadline(request: web.Request) -> float:
+    """Loop-clock deadline: the server default, lowered (never raised) by the client's header."""
+    timeout_s = request.app[SETTINGS].request_timeout_ms / 1000.0
+    raw = request.headers.get(TIMEOUT_HEADER)
+    if raw is not None:
+        try:
+            asked = float(raw)
+        except ValueError:
+            asked = math.nan
+        if not (asked > 0 and math.isfinite(asked)):
+            raise BadRequest(f"{TIMEOUT_HEADER} must be a positive number of milliseconds, got {raw!r}")
+        timeout_s = min(timeout_s, asked / 1000.0)
+    return asyncio.get_running_loop().time() + timeout_s
+
+
+def respond(body: msgspec.Struct) -> web.Response:
+    return web.Response(body=schemas.encoder.encode(body), content_type=JSON)
+
+
+async def predict(request: web.Request) -> web.Response:
+    body = decode(schemas.predict_decoder, await request.read())
+    service = request.app[SERVICE]
+    served = service.resolve(body.model, body.model_version)
+    request[SERVED] = served
+    rows = to_rows([body.features], served, "$.features", single=True)
+    result = await service.predict(served, rows, deadline(request))
+    return respond(
+        schemas.PredictResponse(
+            prediction=result.values[0],
+            model=served.spec.name,
+            model_version=served.spec.version,
+            inference_time_ms=result.compute_s * 1000.0,
+        )
+    )
+
+
+async def predict_batch(request: web.Request) -> web.Response:
+    body = decode(schemas.batch_predict_decoder, await request.read())
+    limit = request.app[SETTINGS].max_batch_rows
+    if not body.samples:
+        raise ValidationFailed("samples must hold at least one row", "$.samples")
+    if len(body.samples) > limit:
+        raise PayloadTooLarge(f"{len(body.samples)} samples is over the limit of {limit} a request")
+    service = request.app[SERVICE]
+    served = service.resolve(body.model, body.model_version)
+    request[SERVED] = served
+    rows = to_rows(body.samples, served, "$.samples", single=False)
+    result = await service.predict(served, rows, deadline(request))
+    return respond(
+        schemas.BatchPredictResponse(
+            predictions=result.values,
+            total=len(result.values),
+            model=served.spec.name,
+            model_version=served.spec.version,
+            inference_time_ms=result.compute_s * 1000.0,
+        )
+    )
+
+
+def add_routes(app: web.Application) -> None:
+    app.router.add_post("/predict", predict, name="predict")
+    app.router.add_post("/predict/batch", predict_batch, name="predict_batch")

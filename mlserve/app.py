@@ -1,0 +1,67 @@
+"""``create_app(settings)``: the one place where the pieces are built and wired together.
+
+Each resource has its own ``cleanup_ctx`` generator, so teardown runs in reverse order and only for
+what started. Graceful shutdown comes from aiohttp: on SIGTERM/SIGINT it stops listening, waits up to
+``shutdown_timeout_s`` for in-flight requests, and only then runs these teardowns.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+
+from aiohttp import web
+
+from mlserve.api import health, models, predict
+from mlserve.api.errors import error_middleware
+from mlserve.api.keys import METRICS, POOL, SERVICE, SETTINGS
+from mlserve.metrics import Metrics
+from mlserve.pool import WorkerPool
+from mlserve.service import ModelService
+from mlserve.settings import Settings
+
+log = logging.getLogger(__name__)
+
+
+async def _pool_ctx(app: web.Application) -> AsyncIterator[None]:
+    settings = app[SETTINGS]
+    pool = WorkerPool(settings.worker_count, settings.worker_threads, settings.worker_start_timeout_s)
+    await pool.start()
+    app[POOL] = pool
+    yield
+    await pool.close()
+
+
+async def _service_ctx(app: web.Application) -> AsyncIterator[None]:
+    settings = app[SETTINGS]
+    service = ModelService(settings, app[POOL], app[METRICS])
+    service.discover()
+    service.start_loading()
+    app[SERVICE] = service
+    yield
+    await service.close(settings.shutdown_timeout_s)
+
+
+def create_app(settings: Settings) -> web.Application:
+    app = web.Application(client_max_size=settings.max_body_bytes, middlewares=[error_middleware])
+    app[SETTINGS] = settings
+    app[METRICS] = Metrics()
+    app.cleanup_ctx.append(_pool_ctx)
+    app.cleanup_ctx.append(_service_ctx)
+    predict.add_routes(app)
+    models.add_routes(app)
+    health.add_routes(app)
+    app.router.add_get("/metrics", app[METRICS].handle, name="metrics")
+    return app
+
+
+def run(settings: Settings) -> None:
+    """Serve until SIGTERM or SIGINT, then drain and stop."""
+    web.run_app(
+        create_app(settings),
+        host=settings.host,
+        port=settings.port,
+        access_log=logging.getLogger("aiohttp.access") if settings.access_log else None,
+        shutdown_timeout=settings.shutdown_timeout_s,
+        print=lambda _: log.info("listening on http://%s:%d", settings.host, settings.port),
+    )

@@ -1,0 +1,59 @@
+"""``mlserve serve`` and ``mlserve models``.
+
+Kept light at import time: worker processes are spawned, and a spawned child re-imports the parent's
+main module, so anything heavy imported here would be paid again by every worker.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from typing import Any
+
+from mlserve.errors import MlserveError
+from mlserve.settings import load_settings
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="mlserve", description="Serve scikit-learn, PyTorch and MLflow models.")
+    commands = parser.add_subparsers(dest="command", required=True)
+    serve = commands.add_parser("serve", help="serve every model version in the repository")
+    serve.add_argument("--host", help="address to listen on (MLSERVE_HOST; default 127.0.0.1)")
+    serve.add_argument("--port", type=int, help="port to listen on (MLSERVE_PORT; default 8080)")
+    serve.add_argument("--workers", type=int, help="worker processes (MLSERVE_WORKERS; default: one per core)")
+    models = commands.add_parser("models", help="train the bundled demo models into the repository")
+    models.add_argument("--force", action="store_true", help="retrain versions that already exist")
+    for command in (serve, models):
+        command.add_argument("--config", help="TOML settings file (MLSERVE_CONFIG)")
+        command.add_argument("--models-dir", help="model repository (MLSERVE_MODELS_DIR; default ./models)")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    overrides: dict[str, Any] = {"models_dir": args.models_dir}
+    if args.command == "serve":
+        overrides |= {"host": args.host, "port": args.port, "workers": args.workers}
+    try:
+        settings = load_settings(args.config, overrides=overrides)
+        logging.basicConfig(
+            level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr
+        )
+        if args.command == "models":
+            from mlserve.demo_models import train_iris
+
+            trained = train_iris(settings.models_dir, force=args.force)
+            print("\n".join(f"trained {key}" for key in trained) or f"demo models already in {settings.models_dir}")
+            return 0
+        from mlserve.app import run
+
+        run(settings)
+        return 0
+    except MlserveError as exc:
+        print(f"mlserve: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,63 @@
+"""The errors the core raises. They carry no HTTP status: ``mlserve.api.errors`` alone maps them."""
+
+from __future__ import annotations
+
+
+class MlserveError(Exception):
+    """Base of every error a client or operator may see; its message is safe to show."""
+
+
+class SettingsError(MlserveError):
+    """A settings file, variable or flag is invalid."""
+
+
+class RepositoryError(MlserveError):
+    """The model repository on disk holds something that cannot be served."""
+
+
+class BadRequest(MlserveError):
+    """The request cannot be parsed at all (malformed JSON, bad header)."""
+
+
+class ValidationFailed(MlserveError):
+    """The request parsed but a value is wrong; ``path`` is the JSON path of the fault."""
+
+    def __init__(self, message: str, path: str | None = None) -> None:
+        super().__init__(message)
+        self.path = path
+
+
+class PayloadTooLarge(MlserveError):
+    """A body or a batch is over its configured limit."""
+
+
+class ModelNotFound(MlserveError):
+    """No such model or version in the repository."""
+
+
+class ModelNotReady(MlserveError):
+    """The version exists but is still loading, or failed to load."""
+
+
+class QueueFull(MlserveError):
+    """The batcher's bounded queue is full; the caller should retry after a short pause."""
+
+    retry_after_s = 1
+
+
+class DeadlineExceeded(MlserveError):
+    """The request's deadline passed before its result arrived."""
+
+
+class ShuttingDown(MlserveError):
+    """The server is stopping and no longer takes work."""
+
+
+class WorkerUnavailable(MlserveError):
+    """No worker could run the batch (its worker died twice, or none is alive)."""
+
+    retry_after_s = 1
+
+
+class PredictionFailed(MlserveError):
+    """The model raised, or returned the wrong number of rows, on input that passed validation."""

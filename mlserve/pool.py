@@ -1,0 +1,250 @@
+"""The worker processes: start them, dispatch a batch, broadcast load/unload, replace the dead.
+
+Each worker has its own socket and one reader task in the parent, so results resolve on the event
+loop without threads or blocking calls. A worker's death shows at once as end-of-file on its socket:
+its in-flight batches are retried once on another worker (or fail with ``WorkerUnavailable``) and a
+replacement is started and given every loaded model before it takes work.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import multiprocessing
+import pickle
+import socket
+from typing import Any
+
+import numpy as np
+
+from mlserve import worker as worker_main
+from mlserve.errors import PredictionFailed, WorkerUnavailable
+from mlserve.repository import ModelSpec
+
+log = logging.getLogger(__name__)
+
+_WRITE_HIGH_WATER = 1 << 20
+_RESTART_BACKOFF_S = (0.2, 0.5, 1.0, 2.0, 5.0)
+
+
+class WorkerDied(Exception):
+    """The worker exited with this call in flight; the pool decides whether to retry."""
+
+
+class _Worker:
+    def __init__(self, index: int, process: Any, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.index = index
+        self.process = process
+        self.pid: int = process.pid
+        self.reader = reader
+        self.writer = writer
+        self.pending: dict[int, asyncio.Future[tuple[Any, float]]] = {}
+        self.loaded: set[str] = set()
+        self.alive = True
+        self.reader_task: asyncio.Task[None] | None = None
+
+    async def call(self, request_id: int, op: int, arg: Any, extra: Any = None) -> tuple[Any, float]:
+        if not self.alive:
+            raise WorkerDied(f"worker {self.index} is gone")
+        future: asyncio.Future[tuple[Any, float]] = asyncio.get_running_loop().create_future()
+        self.pending[request_id] = future
+        try:
+            payload = worker_main.encode((op, request_id, arg, extra))
+            self.writer.write(worker_main.HEADER.pack(len(payload)) + payload)
+            if self.writer.transport.get_write_buffer_size() > _WRITE_HIGH_WATER:
+                await self.writer.drain()
+            return await future
+        finally:
+            self.pending.pop(request_id, None)
+
+    def fail_pending(self) -> None:
+        self.alive = False
+        pending, self.pending = self.pending, {}
+        for future in pending.values():
+            if not future.done():
+                future.set_exception(WorkerDied(f"worker {self.index} (pid {self.pid}) died"))
+
+
+class WorkerPool:
+    def __init__(self, size: int, threads: int = 1, start_timeout_s: float = 120.0) -> None:
+        self.size = size
+        self._threads = threads
+        self._start_timeout_s = start_timeout_s
+        self._context = multiprocessing.get_context("spawn")
+        self._workers: dict[int, _Worker] = {}
+        self._live: list[_Worker] = []
+        self._specs: dict[str, tuple[ModelSpec, list[int]]] = {}
+        self._ids = itertools.count(1)
+        self._restarts: set[asyncio.Task[None]] = set()
+        self._closing = False
+        self.restart_count = 0
+
+    @property
+    def live_workers(self) -> int:
+        return len(self._live)
+
+    def worker_pids(self) -> list[int]:
+        return [w.pid for w in self._live]
+
+    async def start(self) -> None:
+        workers = await asyncio.gather(*(self._spawn(i) for i in range(self.size)), return_exceptions=True)
+        failure = next((w for w in workers if isinstance(w, BaseException)), None)
+        for w in workers:
+            if isinstance(w, _Worker):
+                self._adopt(w)
+        if failure is not None:
+            await self.close()
+            raise failure
+
+    async def _spawn(self, index: int) -> _Worker:
+        parent_sock, child_sock = socket.socketpair()
+        process = self._context.Process(
+            target=worker_main.main,
+            args=(child_sock, self._threads),
+            name=f"mlserve-worker-{index}",
+            daemon=True,
+        )
+        try:
+            process.start()
+        finally:
+            child_sock.close()
+        try:
+            reader, writer = await asyncio.open_unix_connection(sock=parent_sock, limit=1 << 20)
+            hello = await asyncio.wait_for(self._read_frame(reader), self._start_timeout_s)
+        except BaseException:
+            parent_sock.close()
+            process.kill()
+            raise
+        log.debug("worker %d started (pid %s)", index, hello[2])
+        return _Worker(index, process, reader, writer)
+
+    @staticmethod
+    async def _read_frame(reader: asyncio.StreamReader) -> Any:
+        header = await reader.readexactly(worker_main.HEADER.size)
+        (size,) = worker_main.HEADER.unpack(header)
+        return pickle.loads(await reader.readexactly(size))
+
+    def _adopt(self, worker: _Worker) -> None:
+        self._workers[worker.index] = worker
+        self._live.append(worker)
+        worker.reader_task = asyncio.get_running_loop().create_task(self._read_loop(worker))
+
+    async def _read_loop(self, worker: _Worker) -> None:
+        try:
+            while True:
+                request_id, status, payload, compute_s = await self._read_frame(worker.reader)
+                future = worker.pending.pop(request_id, None)
+                if future is None or future.done():
+                    continue
+                if status == worker_main.STATUS_OK:
+                    future.set_result((payload, compute_s))
+                else:
+                    future.set_exception(PredictionFailed(payload))
+        except (asyncio.IncompleteReadError, ConnectionError, EOFError):
+            pass
+        finally:
+            self._on_exit(worker)
+
+    def _on_exit(self, worker: _Worker) -> None:
+        if worker in self._live:
+            self._live.remove(worker)
+        worker.fail_pending()
+        worker.writer.close()
+        if self._closing:
+            return
+        log.error("worker %d (pid %s) died; restarting it", worker.index, worker.pid)
+        task = asyncio.get_running_loop().create_task(self._restart(worker.index))
+        self._restarts.add(task)
+        task.add_done_callback(self._restarts.discard)
+
+    async def _restart(self, index: int) -> None:
+        old = self._workers.get(index)
+        if old is not None:
+            await asyncio.to_thread(old.process.join, 5)
+        for delay in itertools.chain(_RESTART_BACKOFF_S, itertools.repeat(_RESTART_BACKOFF_S[-1])):
+            if self._closing:
+                return
+            try:
+                worker = await self._spawn(index)
+                await self._load_missing(worker)
+            except Exception:
+                log.exception("restarting worker %d failed; retrying in %.1fs", index, delay)
+                await asyncio.sleep(delay)
+                continue
+            if self._closing:
+                worker.writer.close()
+                return
+            self.restart_count += 1
+            self._adopt(worker)
+            log.warning("worker %d restarted (pid %s) with %d model(s)", index, worker.pid, len(worker.loaded))
+            return
+
+    async def _load_missing(self, worker: _Worker) -> None:
+        # Loads may be broadcast while this worker is starting: keep going until it has them all.
+        while missing := [key for key in self._specs if key not in worker.loaded]:
+            for key in missing:
+                spec, warmup_rows = self._specs[key]
+                await worker.call(next(self._ids), worker_main.OP_LOAD, spec, warmup_rows)
+                worker.loaded.add(key)
+
+    async def load(self, spec: ModelSpec, warmup_rows: list[int]) -> None:
+        """Load and warm ``spec`` on every worker; it may be used only once this returns."""
+        self._specs[spec.key] = (spec, warmup_rows)
+        workers = list(self._live)
+        results = await asyncio.gather(
+            *(w.call(next(self._ids), worker_main.OP_LOAD, spec, warmup_rows) for w in workers),
+            return_exceptions=True,
+        )
+        for w, result in zip(workers, results):
+            if isinstance(result, PredictionFailed):
+                self._specs.pop(spec.key, None)
+                raise PredictionFailed(f"loading {spec.key} failed: {result}")
+            if not isinstance(result, BaseException):
+                w.loaded.add(spec.key)
+
+    async def unload(self, key: str) -> None:
+        self._specs.pop(key, None)
+        workers = list(self._live)
+        await asyncio.gather(
+            *(w.call(next(self._ids), worker_main.OP_UNLOAD, key) for w in workers), return_exceptions=True
+        )
+        for w in workers:
+            w.loaded.discard(key)
+
+    async def predict(self, key: str, rows: np.ndarray) -> tuple[np.ndarray, float]:
+        """Run one batch; a worker that dies under it costs one retry on another worker."""
+        for _ in range(2):
+            worker = self._pick(key)
+            try:
+                return await worker.call(next(self._ids), worker_main.OP_PREDICT, key, rows)
+            except WorkerDied:
+                continue
+        raise WorkerUnavailable(f"the workers running a batch of {key} died; try again")
+
+    def _pick(self, key: str) -> _Worker:
+        best: _Worker | None = None
+        for w in self._live:
+            if key in w.loaded and (best is None or len(w.pending) < len(best.pending)):
+                best = w
+        if best is None:
+            raise WorkerUnavailable(f"no live worker holds {key}; one is restarting")
+        return best
+
+    async def close(self, timeout_s: float = 10.0) -> None:
+        """Stop every worker: close its socket (it exits on end-of-file), then kill stragglers."""
+        self._closing = True
+        for task in list(self._restarts):
+            task.cancel()
+        workers = list(self._workers.values())
+        for w in workers:
+            w.writer.close()
+        for w in workers:
+            await asyncio.to_thread(w.process.join, timeout_s)
+            if w.process.is_alive():
+                log.warning("worker %d did not exit in %.0fs; killing it", w.index, timeout_s)
+                w.process.kill()
+                await asyncio.to_thread(w.process.join, 5)
+            if w.reader_task is not None:
+                await asyncio.gather(w.reader_task, return_exceptions=True)
+        self._live.clear()

@@ -1,0 +1,120 @@
+"""The model repository on disk: ``models/NAME/VERSION/model.toml`` plus the artifact it names.
+
+Only what this scan finds can ever be loaded, and names are checked against a strict pattern, so a
+request can never steer the server to a path of its choosing.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import tempfile
+import tomllib
+from pathlib import Path
+
+import msgspec
+
+from mlserve.errors import RepositoryError
+from mlserve.schemas import ModelMetadata
+
+NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+METADATA_FILE = "model.toml"
+
+
+class ModelSpec(msgspec.Struct, frozen=True):
+    """One servable version: its metadata and the directory holding its artifact.
+
+    It is what a worker process receives to load a model, so it stays small and picklable.
+    """
+
+    metadata: ModelMetadata
+    directory: str
+
+    @property
+    def name(self) -> str:
+        return self.metadata.name
+
+    @property
+    def version(self) -> str:
+        return self.metadata.version
+
+    @property
+    def key(self) -> str:
+        return f"{self.metadata.name}:{self.metadata.version}"
+
+    @property
+    def artifact_path(self) -> str:
+        return os.path.join(self.directory, self.metadata.artifact)
+
+
+def valid_name(name: str) -> bool:
+    return NAME_PATTERN.match(name) is not None
+
+
+def version_order(version: str) -> tuple[tuple[int, int | str], ...]:
+    """Natural order, so ``v10`` sorts after ``v9`` and the highest version is the newest."""
+    parts = re.findall(r"\d+|\D+", version)
+    return tuple((0, int(p)) if p.isdigit() else (1, p) for p in parts)
+
+
+def read_metadata(directory: Path) -> ModelMetadata:
+    path = directory / METADATA_FILE
+    try:
+        with path.open("rb") as fh:
+            raw = tomllib.load(fh)
+        metadata = msgspec.convert(raw, ModelMetadata)
+    except (OSError, tomllib.TOMLDecodeError, msgspec.ValidationError) as exc:
+        raise RepositoryError(f"{path}: {exc}") from None
+    if (metadata.name, metadata.version) != (directory.parent.name, directory.name):
+        raise RepositoryError(
+            f"{path} says {metadata.name}/{metadata.version} but lies in "
+            f"{directory.parent.name}/{directory.name}"
+        )
+    if os.sep in metadata.artifact or metadata.artifact.startswith("."):
+        raise RepositoryError(f"{path}: artifact must be a file name inside its version directory")
+    return metadata
+
+
+def scan(models_dir: str | Path) -> list[ModelSpec]:
+    """Every valid version under ``models_dir``, ordered by name and then version."""
+    root = Path(models_dir)
+    if not root.is_dir():
+        raise RepositoryError(f"model repository {root} does not exist")
+    specs = []
+    for model_dir in sorted(p for p in root.iterdir() if p.is_dir() and valid_name(p.name)):
+        versions = [p for p in model_dir.iterdir() if p.is_dir() and valid_name(p.name)]
+        for version_dir in sorted(versions, key=lambda p: version_order(p.name)):
+            if (version_dir / METADATA_FILE).is_file():
+                specs.append(ModelSpec(read_metadata(version_dir), str(version_dir.resolve())))
+    return specs
+
+
+def _toml_value(value: object) -> str:
+    # JSON's strings, numbers, booleans and arrays of them are valid TOML too.
+    return json.dumps(value)
+
+
+def write_version(models_dir: str | Path, metadata: ModelMetadata, artifact: bytes) -> Path:
+    """Publish a version atomically: readers see either no version directory or a complete one."""
+    target = Path(models_dir) / metadata.name / metadata.version
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{metadata.version}-", dir=target.parent))
+    (staging / metadata.artifact).write_bytes(artifact)
+    fields = msgspec.structs.asdict(metadata)
+    batching = fields.pop("batching")
+    lines = [f"{key} = {_toml_value(value)}" for key, value in fields.items() if value is not None]
+    if batching:
+        lines.append("\n[batching]")
+        lines += [f"{key} = {_toml_value(value)}" for key, value in batching.items()]
+    (staging / METADATA_FILE).write_text("\n".join(lines) + "\n")
+    if target.exists():
+        retired = target.with_name(f".{target.name}-old-{os.getpid()}")
+        target.rename(retired)
+        staging.rename(target)
+        for child in retired.iterdir():
+            child.unlink()
+        retired.rmdir()
+    else:
+        staging.rename(target)
+    return target

@@ -1,0 +1,51 @@
+"""Which model version answers a request: the version asked for, else the model's active version."""
+
+from __future__ import annotations
+
+from typing import Generic, TypeVar
+
+from mlserve.errors import ModelNotFound, ValidationFailed
+
+T = TypeVar("T")
+
+
+class Router(Generic[T]):
+    """Maps (model, version) to whatever the service serves them with; knows nothing of batching."""
+
+    def __init__(self, default_model: str | None = None) -> None:
+        self._default_model = default_model
+        self._versions: dict[str, dict[str, T]] = {}
+        self._active: dict[str, str] = {}
+
+    def add(self, model: str, version: str, target: T) -> None:
+        self._versions.setdefault(model, {})[version] = target
+
+    def set_active(self, model: str, version: str) -> None:
+        if version not in self._versions.get(model, {}):
+            raise ModelNotFound(f"model {model!r} has no version {version!r}")
+        self._active[model] = version
+
+    def active(self, model: str) -> str | None:
+        return self._active.get(model)
+
+    def models(self) -> dict[str, dict[str, T]]:
+        return self._versions
+
+    def resolve(self, model: str | None, version: str | None) -> T:
+        if model is None:
+            model = self._default_model
+            if model is None:
+                if len(self._versions) != 1:
+                    raise ValidationFailed("`model` is required: this server serves several models", "$.model")
+                model = next(iter(self._versions))
+        versions = self._versions.get(model)
+        if versions is None:
+            raise ModelNotFound(f"unknown model {model!r}")
+        if version is None:
+            version = self._active.get(model)
+            if version is None:
+                raise ModelNotFound(f"model {model!r} has no active version")
+        target = versions.get(version)
+        if target is None:
+            raise ModelNotFound(f"model {model!r} has no version {version!r}; it has {', '.join(versions)}")
+        return target

@@ -1,0 +1,94 @@
+"""Wire types: every JSON body the server reads or writes, and the ``model.toml`` metadata file.
+
+Request types forbid unknown fields so a typo (``"feature"``) is a 422, not a silently ignored key.
+Decoders and encoders are built once here and shared; building them per request costs more than
+decoding a small body.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import msgspec
+
+
+class PredictRequest(msgspec.Struct, forbid_unknown_fields=True):
+    features: list[float]
+    model: str | None = None
+    model_version: str | None = None
+
+
+class BatchPredictRequest(msgspec.Struct, forbid_unknown_fields=True):
+    samples: list[list[float]]
+    model: str | None = None
+    model_version: str | None = None
+
+
+class PredictResponse(msgspec.Struct):
+    prediction: Any
+    model: str
+    model_version: str
+    inference_time_ms: float
+
+
+class BatchPredictResponse(msgspec.Struct):
+    predictions: list[Any]
+    total: int
+    model: str
+    model_version: str
+    inference_time_ms: float
+
+
+class ErrorResponse(msgspec.Struct, omit_defaults=True):
+    error: str
+    path: str | None = None
+
+
+class ModelMetadata(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
+    """The contents of ``models/NAME/VERSION/model.toml``."""
+
+    name: str
+    version: str
+    framework: str
+    artifact: str
+    input_shape: list[int]
+    created_at: str = ""
+    accuracy: float | None = None
+    class_labels: list[str] = []
+    description: str = ""
+    batching: dict[str, float] = {}
+
+
+class ModelVersionInfo(msgspec.Struct):
+    name: str
+    version: str
+    state: str
+    active: bool
+    framework: str
+    created_at: str
+    accuracy: float | None
+    input_shape: list[int]
+    class_labels: list[str]
+    description: str
+    batching: dict[str, Any]
+    error: str | None = None
+
+
+class ModelInfo(msgspec.Struct):
+    name: str
+    active_version: str | None
+    versions: list[ModelVersionInfo]
+
+
+class ModelsResponse(msgspec.Struct):
+    models: list[ModelInfo]
+
+
+class HealthResponse(msgspec.Struct):
+    status: str
+    models: dict[str, str] = {}
+
+
+predict_decoder = msgspec.json.Decoder(PredictRequest)
+batch_predict_decoder = msgspec.json.Decoder(BatchPredictRequest)
+encoder = msgspec.json.Encoder()

@@ -1,0 +1,186 @@
+"""``ModelService``: the data plane (``predict``) and the control plane (load, warm, activate, close).
+
+It owns the router, one batcher per served version, and the pool's view of them. Handlers call it
+and never touch a batcher or the pool themselves.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Literal
+
+import msgspec
+import numpy as np
+
+from mlserve import repository
+from mlserve.batcher import Batcher, BatchResult
+from mlserve.errors import ModelNotReady, SettingsError
+from mlserve.metrics import Metrics
+from mlserve.pool import WorkerPool
+from mlserve.repository import ModelSpec
+from mlserve.routing import Router
+from mlserve.schemas import ModelInfo, ModelsResponse, ModelVersionInfo
+from mlserve.settings import BatchingSettings, Settings
+
+log = logging.getLogger(__name__)
+
+State = Literal["loading", "ready", "failed"]
+
+
+class ServedVersion:
+    """One (model, version): its spec, effective batching knobs, load state and batcher."""
+
+    __slots__ = ("spec", "batching", "state", "error", "batcher", "labels", "n_features", "row_shape")
+
+    def __init__(self, spec: ModelSpec, batching: BatchingSettings) -> None:
+        self.spec = spec
+        self.batching = batching
+        self.state: State = "loading"
+        self.error: str | None = None
+        self.batcher: Batcher | None = None
+        self.labels = {"model": spec.name, "version": spec.version}
+        self.row_shape = tuple(spec.metadata.input_shape)
+        self.n_features = int(np.prod(self.row_shape))
+
+
+class ModelService:
+    def __init__(self, settings: Settings, pool: WorkerPool, metrics: Metrics) -> None:
+        self._settings = settings
+        self._pool = pool
+        self._metrics = metrics
+        self._router: Router[ServedVersion] = Router(settings.default_model)
+        self._loading: asyncio.Task[None] | None = None
+        metrics.on_scrape(self._refresh_gauges)
+
+    def discover(self) -> None:
+        """Register every version in the repository and pick active versions; fast and strict.
+
+        Bad metadata or an active version that does not exist stops the server here, before it
+        listens, rather than surfacing later as a model that never becomes ready.
+        """
+        specs = repository.scan(self._settings.models_dir)
+        for spec in specs:
+            batching = self._settings.batching_for(spec.name, spec.metadata.batching)
+            self._router.add(spec.name, spec.version, ServedVersion(spec, batching))
+        for name, versions in self._router.models().items():
+            override = self._settings.models.get(name)
+            wanted = override.active_version if override and override.active_version else None
+            if wanted is not None and wanted not in versions:
+                raise SettingsError(f"active_version {wanted!r} of model {name!r} is not in the repository")
+            self._router.set_active(name, wanted or max(versions, key=repository.version_order))
+        unknown = set(self._settings.models) - set(self._router.models())
+        if unknown:
+            log.warning("settings name models the repository does not hold: %s", ", ".join(sorted(unknown)))
+        if not specs:
+            log.warning("the model repository %s holds no models", self._settings.models_dir)
+
+    def start_loading(self) -> None:
+        self._loading = asyncio.get_running_loop().create_task(self._load_all())
+
+    async def wait_loaded(self) -> None:
+        if self._loading is not None:
+            await asyncio.shield(self._loading)
+
+    async def _load_all(self) -> None:
+        for versions in self._router.models().values():
+            for served in versions.values():
+                await self._load(served)
+        states = [s.state for v in self._router.models().values() for s in v.values()]
+        if all(state == "ready" for state in states):
+            log.info("ready: %d model version(s) loaded and warm on %d worker(s)", len(states), self._pool.size)
+        else:
+            log.error("%d of %d model version(s) failed to load", states.count("failed"), len(states))
+
+    async def _load(self, served: ServedVersion) -> None:
+        spec, knobs = served.spec, served.batching
+        warmup_rows = sorted({1, knobs.max_batch_size})
+        try:
+            await self._pool.load(spec, warmup_rows)
+        except Exception as exc:
+            served.state, served.error = "failed", str(exc)
+            log.error("loading %s failed: %s", spec.key, exc)
+            return
+        served.batcher = Batcher(
+            self._runner(served),
+            max_batch_size=knobs.max_batch_size,
+            max_delay_ms=knobs.max_delay_ms,
+            max_queue=knobs.max_queue,
+            max_inflight=knobs.max_inflight or self._pool.size,
+            name=spec.key,
+            on_batch=lambda rows, labels=served.labels: self._metrics.batch_size.observe(labels, rows),
+        )
+        served.state = "ready"
+        log.info("loaded %s (%s)", spec.key, spec.metadata.framework)
+
+    def _runner(self, served: ServedVersion):  # type: ignore[no-untyped-def]
+        key, labels, pool, inference = served.spec.key, served.labels, self._pool, self._metrics.inference_duration
+
+        async def run_batch(rows: np.ndarray) -> tuple[np.ndarray, float]:
+            outputs, compute_s = await pool.predict(key, rows)
+            inference.observe(labels, compute_s)
+            return outputs, compute_s
+
+        return run_batch
+
+    @property
+    def ready(self) -> bool:
+        return all(s.state == "ready" for v in self._router.models().values() for s in v.values())
+
+    def resolve(self, model: str | None, version: str | None) -> ServedVersion:
+        served = self._router.resolve(model, version)
+        if served.state != "ready":
+            detail = f": {served.error}" if served.error else ""
+            raise ModelNotReady(f"{served.spec.key} is {served.state}{detail}")
+        return served
+
+    async def predict(self, served: ServedVersion, rows: np.ndarray, deadline: float) -> BatchResult:
+        """Run validated ``rows`` through the version's batcher; ``deadline`` is loop time."""
+        assert served.batcher is not None
+        result = await served.batcher.submit(rows, deadline)
+        self._metrics.queue_duration.observe(served.labels, result.queue_s)
+        return result
+
+    def describe(self, name: str | None = None) -> ModelsResponse:
+        models = []
+        for model, versions in self._router.models().items():
+            if name is not None and model != name:
+                continue
+            active = self._router.active(model)
+            infos = [
+                ModelVersionInfo(
+                    name=model,
+                    version=version,
+                    state=served.state,
+                    active=version == active,
+                    framework=served.spec.metadata.framework,
+                    created_at=served.spec.metadata.created_at,
+                    accuracy=served.spec.metadata.accuracy,
+                    input_shape=served.spec.metadata.input_shape,
+                    class_labels=served.spec.metadata.class_labels,
+                    description=served.spec.metadata.description,
+                    batching=msgspec.structs.asdict(served.batching),
+                    error=served.error,
+                )
+                for version, served in sorted(versions.items(), key=lambda item: repository.version_order(item[0]))
+            ]
+            models.append(ModelInfo(name=model, active_version=active, versions=infos))
+        return ModelsResponse(models=models)
+
+    def states(self) -> dict[str, str]:
+        return {s.spec.key: s.state for v in self._router.models().values() for s in v.values()}
+
+    def _refresh_gauges(self, metrics: Metrics) -> None:
+        for versions in self._router.models().values():
+            for served in versions.values():
+                if served.batcher is not None:
+                    metrics.queue_depth.set(served.labels, served.batcher.queue_depth)
+        metrics.workers_live.set({}, self._pool.live_workers)
+        metrics.worker_restarts.set({}, self._pool.restart_count)
+
+    async def close(self, timeout_s: float) -> None:
+        if self._loading is not None and not self._loading.done():
+            self._loading.cancel()
+            await asyncio.gather(self._loading, return_exceptions=True)
+        batchers = [s.batcher for v in self._router.models().values() for s in v.values() if s.batcher]
+        await asyncio.gather(*(b.close(timeout_s) for b in batchers))

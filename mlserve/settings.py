@@ -1,0 +1,132 @@
+"""Every knob the server has, read once from a TOML file and ``MLSERVE_*`` environment variables.
+
+Precedence, lowest first: defaults, the TOML file (``--config`` or ``MLSERVE_CONFIG``), environment
+variables, command-line flags. A nested field is set from the environment with a double underscore:
+``MLSERVE_BATCHING__MAX_BATCH_SIZE=1`` turns batching off. Per-model overrides live only in the TOML
+file (``[models.NAME]`` and ``[models.NAME.batching]``).
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from collections.abc import Mapping
+from typing import Annotated, Any
+
+import msgspec
+
+from mlserve.errors import SettingsError
+
+ENV_PREFIX = "MLSERVE_"
+
+PositiveInt = Annotated[int, msgspec.Meta(ge=1)]
+NonNegativeFloat = Annotated[float, msgspec.Meta(ge=0)]
+PositiveFloat = Annotated[float, msgspec.Meta(gt=0)]
+
+
+class BatchingSettings(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
+    """How one (model, version) batcher coalesces requests; see DESIGN.md, "The batcher".
+
+    ``max_batch_size`` counts rows, not requests. ``max_delay_ms`` only makes a small batch wait for
+    mates while a worker slot is free; 0 means eager dispatch. ``max_queue`` counts queued requests.
+    ``max_inflight`` defaults to the number of workers.
+    """
+
+    max_batch_size: PositiveInt = 64
+    max_delay_ms: NonNegativeFloat = 0.0
+    max_queue: PositiveInt = 2048
+    max_inflight: PositiveInt | None = None
+
+
+class ModelSettings(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
+    """Operator overrides for one model name; they win over the model's own ``model.toml``."""
+
+    active_version: str | None = None
+    batching: dict[str, float] = {}
+
+
+class Settings(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
+    host: str = "127.0.0.1"
+    port: Annotated[int, msgspec.Meta(ge=0, le=65535)] = 8080
+    models_dir: str = "models"
+    workers: Annotated[int, msgspec.Meta(ge=0)] = 0
+    """Worker processes; 0 means one per core."""
+    worker_threads: PositiveInt = 1
+    """Threads each worker gives torch/BLAS/OpenMP, so N workers never oversubscribe the cores."""
+    worker_start_timeout_s: PositiveFloat = 120.0
+    default_model: str | None = None
+    request_timeout_ms: PositiveFloat = 10_000.0
+    max_body_bytes: PositiveInt = 1 << 20
+    max_batch_rows: PositiveInt = 1024
+    """Rows one ``/predict/batch`` request may carry (413 beyond)."""
+    shutdown_timeout_s: NonNegativeFloat = 30.0
+    log_level: str = "INFO"
+    access_log: bool = False
+    """Off by default: aiohttp's access log formats a line per request on the hot path."""
+    batching: BatchingSettings = BatchingSettings()
+    models: dict[str, ModelSettings] = {}
+
+    @property
+    def worker_count(self) -> int:
+        return self.workers or os.cpu_count() or 1
+
+    def batching_for(self, model: str, declared: Mapping[str, Any]) -> BatchingSettings:
+        """Merge the server defaults, the model's declared knobs and the operator's overrides."""
+        merged = msgspec.structs.asdict(self.batching)
+        merged.update(declared)
+        override = self.models.get(model)
+        if override is not None:
+            merged.update(override.batching)
+        try:
+            return msgspec.convert(merged, BatchingSettings, strict=False)
+        except msgspec.ValidationError as exc:
+            raise SettingsError(f"batching settings for model {model!r}: {exc}") from None
+
+
+def _env_overrides(env: Mapping[str, str]) -> dict[str, Any]:
+    tree: dict[str, Any] = {}
+    for key, value in env.items():
+        if not key.startswith(ENV_PREFIX) or key == ENV_PREFIX + "CONFIG":
+            continue
+        path = key[len(ENV_PREFIX) :].lower().split("__")
+        node = tree
+        for part in path[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise SettingsError(f"{key} conflicts with another MLSERVE_ variable")
+        node[path[-1]] = value
+    return tree
+
+
+def _deep_merge(base: dict[str, Any], extra: Mapping[str, Any]) -> dict[str, Any]:
+    for key, value in extra.items():
+        if isinstance(value, Mapping) and isinstance(base.get(key), dict):
+            _deep_merge(base[key], value)
+        else:
+            base[key] = value
+    return base
+
+
+def load_settings(
+    config: str | None = None,
+    env: Mapping[str, str] | None = None,
+    overrides: Mapping[str, Any] | None = None,
+) -> Settings:
+    """Build the one settings object; every invalid value is a ``SettingsError`` naming the field."""
+    env = os.environ if env is None else env
+    data: dict[str, Any] = {}
+    path = config or env.get(ENV_PREFIX + "CONFIG")
+    if path:
+        try:
+            with open(path, "rb") as fh:
+                data = tomllib.load(fh)
+        except OSError as exc:
+            raise SettingsError(f"cannot read config file {path}: {exc.strerror}") from None
+        except tomllib.TOMLDecodeError as exc:
+            raise SettingsError(f"config file {path} is not valid TOML: {exc}") from None
+    _deep_merge(data, _env_overrides(env))
+    _deep_merge(data, {k: v for k, v in (overrides or {}).items() if v is not None})
+    try:
+        return msgspec.convert(data, Settings, strict=False)
+    except msgspec.ValidationError as exc:
+        raise SettingsError(f"invalid settings: {exc}") from None
