@@ -117,7 +117,9 @@ class WorkerPool:
             process.kill()
             raise
         log.debug("worker %d started (pid %s)", index, hello[2])
-        return _Worker(index, process, reader, writer)
+        worker = _Worker(index, process, reader, writer)
+        worker.reader_task = asyncio.get_running_loop().create_task(self._read_loop(worker))
+        return worker
 
     @staticmethod
     async def _read_frame(reader: asyncio.StreamReader) -> Any:
@@ -128,7 +130,11 @@ class WorkerPool:
     def _adopt(self, worker: _Worker) -> None:
         self._workers[worker.index] = worker
         self._live.append(worker)
-        worker.reader_task = asyncio.get_running_loop().create_task(self._read_loop(worker))
+
+    @staticmethod
+    def _discard(worker: _Worker) -> None:
+        worker.writer.close()
+        worker.process.kill()
 
     async def _read_loop(self, worker: _Worker) -> None:
         try:
@@ -147,12 +153,13 @@ class WorkerPool:
             self._on_exit(worker)
 
     def _on_exit(self, worker: _Worker) -> None:
-        if worker in self._live:
+        was_live = worker in self._live
+        if was_live:
             self._live.remove(worker)
         worker.fail_pending()
         worker.writer.close()
-        if self._closing:
-            return
+        if self._closing or not was_live:
+            return  # a worker that never went live is retried by whoever was starting it
         log.error("worker %d (pid %s) died; restarting it", worker.index, worker.pid)
         task = asyncio.get_running_loop().create_task(self._restart(worker.index))
         self._restarts.add(task)
@@ -165,16 +172,20 @@ class WorkerPool:
         for delay in itertools.chain(_RESTART_BACKOFF_S, itertools.repeat(_RESTART_BACKOFF_S[-1])):
             if self._closing:
                 return
+            worker: _Worker | None = None
             try:
                 worker = await self._spawn(index)
                 await self._load_missing(worker)
+            except asyncio.CancelledError:
+                if worker is not None:
+                    self._discard(worker)
+                raise
             except Exception:
                 log.exception("restarting worker %d failed; retrying in %.1fs", index, delay)
+                if worker is not None:
+                    self._discard(worker)
                 await asyncio.sleep(delay)
                 continue
-            if self._closing:
-                worker.writer.close()
-                return
             self.restart_count += 1
             self._adopt(worker)
             log.warning("worker %d restarted (pid %s) with %d model(s)", index, worker.pid, len(worker.loaded))

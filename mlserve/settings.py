@@ -4,6 +4,10 @@ Precedence, lowest first: defaults, the TOML file (``--config`` or ``MLSERVE_CON
 variables, command-line flags. A nested field is set from the environment with a double underscore:
 ``MLSERVE_BATCHING__MAX_BATCH_SIZE=1`` turns batching off. Per-model overrides live only in the TOML
 file (``[models.NAME]`` and ``[models.NAME.batching]``).
+
+Batching knobs merge in this order: ``BatchingSettings`` defaults, the model's own ``model.toml``,
+the operator's ``[batching]``, the operator's ``[models.NAME.batching]``. The operator's tables hold
+only the fields actually set, so a model's declared knobs survive unless an operator overrides them.
 """
 
 from __future__ import annotations
@@ -38,11 +42,21 @@ class BatchingSettings(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     max_inflight: PositiveInt | None = None
 
 
+def _check_batching(knobs: Mapping[str, float]) -> None:
+    try:
+        msgspec.convert(knobs, BatchingSettings, strict=False)
+    except msgspec.ValidationError as exc:
+        raise ValueError(f"batching: {exc}") from None
+
+
 class ModelSettings(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     """Operator overrides for one model name; they win over the model's own ``model.toml``."""
 
     active_version: str | None = None
     batching: dict[str, float] = {}
+
+    def __post_init__(self) -> None:
+        _check_batching(self.batching)
 
 
 class Settings(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
@@ -63,8 +77,12 @@ class Settings(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     log_level: str = "INFO"
     access_log: bool = False
     """Off by default: aiohttp's access log formats a line per request on the hot path."""
-    batching: BatchingSettings = BatchingSettings()
+    batching: dict[str, float] = {}
+    """Knobs forced on every model (fields of ``BatchingSettings``)."""
     models: dict[str, ModelSettings] = {}
+
+    def __post_init__(self) -> None:
+        _check_batching(self.batching)
 
     @property
     def worker_count(self) -> int:
@@ -72,8 +90,8 @@ class Settings(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
 
     def batching_for(self, model: str, declared: Mapping[str, Any]) -> BatchingSettings:
         """Merge the server defaults, the model's declared knobs and the operator's overrides."""
-        merged = msgspec.structs.asdict(self.batching)
-        merged.update(declared)
+        merged = dict(declared)
+        merged.update(self.batching)
         override = self.models.get(model)
         if override is not None:
             merged.update(override.batching)

@@ -1,0 +1,274 @@
+"""The batcher's races, one test each, named after the race they guard (DESIGN.md, "The batcher").
+
+``run_batch`` is a gated fake: a batch waits on an event until the test opens it, so the test
+decides exactly what is queued while a slot is busy. No pool is involved.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+
+import numpy as np
+import pytest
+
+from mlserve.batcher import Batcher, BatchResult
+from mlserve.errors import DeadlineExceeded, PredictionFailed, QueueFull, ShuttingDown
+
+
+class GatedRunner:
+    """Records every batch; each waits for ``gate`` before answering ``10 * x[0]`` a row."""
+
+    def __init__(self, gated: bool = False, output: Callable[[np.ndarray], object] | None = None) -> None:
+        self.batches: list[np.ndarray] = []
+        self.gate = asyncio.Event()
+        self.started = asyncio.Event()
+        self.output = output or (lambda rows: rows[:, 0] * 10)
+        if not gated:
+            self.gate.set()
+
+    async def __call__(self, rows: np.ndarray) -> tuple[object, float]:
+        self.batches.append(rows.copy())
+        self.started.set()
+        await self.gate.wait()
+        return self.output(rows), 0.002
+
+    @property
+    def sizes(self) -> list[int]:
+        return [len(batch) for batch in self.batches]
+
+
+def rows(*values: float) -> np.ndarray:
+    return np.array([[v, 0.0] for v in values])
+
+
+def make(runner: GatedRunner, **knobs: float) -> Batcher:
+    settings = {"max_batch_size": 4, "max_delay_ms": 0.0, "max_queue": 100, "max_inflight": 1} | knobs
+    return Batcher(runner, **settings)  # type: ignore[arg-type]
+
+
+def later(seconds: float = 30.0) -> float:
+    return asyncio.get_running_loop().time() + seconds
+
+
+async def occupy_slot(batcher: Batcher, runner: GatedRunner) -> asyncio.Task[BatchResult]:
+    """Submit one request and wait until its batch holds the only slot (the gate is closed)."""
+    task = asyncio.create_task(batcher.submit(rows(-1), later()))
+    await asyncio.wait_for(runner.started.wait(), 5)
+    return task
+
+
+async def settle() -> None:
+    for _ in range(5):
+        await asyncio.sleep(0)
+
+
+async def test_eager_dispatch_at_one_client() -> None:
+    runner = GatedRunner()
+    batcher = make(runner, max_delay_ms=0)
+    result = await asyncio.wait_for(batcher.submit(rows(3), later()), 5)
+    assert result.values == [30.0]
+    assert result.compute_s == 0.002
+    assert runner.sizes == [1]
+    await batcher.close()
+
+
+async def test_full_batch_closes_without_waiting_for_the_delay() -> None:
+    runner = GatedRunner()
+    batcher = make(runner, max_batch_size=4, max_delay_ms=60_000)
+    results = await asyncio.wait_for(asyncio.gather(*(batcher.submit(rows(i), later()) for i in range(4))), 5)
+    assert [r.values for r in results] == [[0.0], [10.0], [20.0], [30.0]]
+    assert runner.sizes == [4]
+    await batcher.close()
+
+
+async def test_delay_window_is_measured_from_first_enqueue() -> None:
+    runner = GatedRunner()
+    batcher = make(runner, max_batch_size=100, max_delay_ms=400)
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    first = asyncio.create_task(batcher.submit(rows(1), later()))
+    await asyncio.sleep(0.3)
+    second = asyncio.create_task(batcher.submit(rows(2), later()))
+    await asyncio.wait_for(asyncio.gather(first, second), 5)
+    # One batch holding both, closed 400 ms after the FIRST arrival, not 400 ms after the second.
+    assert runner.sizes == [2]
+    assert loop.time() - started < 0.65
+    await batcher.close()
+
+
+async def test_queue_larger_than_one_batch_is_drained_in_full_batches() -> None:
+    runner = GatedRunner(gated=True)
+    batcher = make(runner, max_batch_size=4, max_inflight=1)
+    blocker = await occupy_slot(batcher, runner)
+    waiting = [asyncio.create_task(batcher.submit(rows(i), later())) for i in range(10)]
+    await settle()
+    assert batcher.queue_depth == 10
+    runner.gate.set()
+    results = await asyncio.wait_for(asyncio.gather(blocker, *waiting), 5)
+    assert runner.sizes == [1, 4, 4, 2]
+    assert [r.values for r in results[1:]] == [[10.0 * i] for i in range(10)]
+    await batcher.close()
+
+
+async def test_request_split_across_batches_is_reassembled_in_order() -> None:
+    runner = GatedRunner(gated=True)
+    batcher = make(runner, max_batch_size=4)
+    blocker = await occupy_slot(batcher, runner)
+    small = asyncio.create_task(batcher.submit(rows(100), later()))
+    big = asyncio.create_task(batcher.submit(rows(*range(9)), later()))
+    await settle()
+    runner.gate.set()
+    await asyncio.wait_for(asyncio.gather(blocker, small, big), 5)
+    assert runner.sizes == [1, 4, 4, 2]
+    assert small.result().values == [1000.0]
+    assert big.result().values == [10.0 * i for i in range(9)]
+    assert big.result().compute_s == pytest.approx(3 * 0.002)
+    await batcher.close()
+
+
+async def test_cancelled_caller_is_skipped_while_batch_mates_resolve() -> None:
+    runner = GatedRunner(gated=True)
+    # Room for two: the cancelled caller must not take the place of a live one.
+    batcher = make(runner, max_batch_size=2)
+    blocker = await occupy_slot(batcher, runner)
+    first, gone, last = (asyncio.create_task(batcher.submit(rows(v), later())) for v in (1, 2, 3))
+    await settle()
+    gone.cancel()
+    await settle()
+    runner.gate.set()
+    await asyncio.wait_for(asyncio.gather(blocker, first, last), 5)
+    assert gone.cancelled()
+    assert runner.sizes == [1, 2]
+    assert (first.result().values, last.result().values) == ([10.0], [30.0])
+    await batcher.close()
+
+
+async def test_caller_cancelled_while_its_batch_runs_does_not_break_batch_mates() -> None:
+    runner = GatedRunner(gated=True)
+    batcher = make(runner, max_batch_size=8)
+    mates = [asyncio.create_task(batcher.submit(rows(v), later())) for v in (1, 2, 3)]
+    await asyncio.wait_for(runner.started.wait(), 5)
+    assert runner.sizes == [3]
+    mates[1].cancel()
+    runner.gate.set()
+    done = await asyncio.wait_for(asyncio.gather(mates[0], mates[2]), 5)
+    assert [r.values for r in done] == [[10.0], [30.0]]
+    assert mates[1].cancelled()
+    await batcher.close()
+
+
+async def test_output_length_mismatch_fails_every_caller_of_that_batch() -> None:
+    runner = GatedRunner(gated=True, output=lambda batch: batch[1:, 0])
+    batcher = make(runner, max_batch_size=8)
+    blocker = await occupy_slot(batcher, runner)
+    mates = [asyncio.create_task(batcher.submit(rows(v), later())) for v in (1, 2)]
+    await settle()
+    runner.gate.set()
+    outcomes = await asyncio.gather(blocker, *mates, return_exceptions=True)
+    assert all(isinstance(o, PredictionFailed) for o in outcomes)
+    assert "returned 1 outputs for 2 rows" in str(outcomes[1])
+    await batcher.close()
+
+
+async def test_failure_during_assembly_fails_only_its_batch() -> None:
+    runner = GatedRunner(gated=True)
+    batcher = make(runner, max_batch_size=8)
+    blocker = await occupy_slot(batcher, runner)
+    narrow = asyncio.create_task(batcher.submit(np.zeros((1, 2)), later()))
+    wide = asyncio.create_task(batcher.submit(np.zeros((1, 3)), later()))
+    await settle()
+    runner.gate.set()
+    await blocker
+    outcomes = await asyncio.gather(narrow, wide, return_exceptions=True)
+    assert all(isinstance(o, PredictionFailed) for o in outcomes), outcomes
+    # The collector survived: the next request is served.
+    assert (await asyncio.wait_for(batcher.submit(rows(5), later()), 5)).values == [50.0]
+    await batcher.close()
+
+
+async def test_run_batch_error_fails_its_callers_and_the_collector_survives() -> None:
+    calls = 0
+
+    async def flaky(batch: np.ndarray) -> tuple[object, float]:
+        nonlocal calls
+        calls += 1
+        if calls == 1:
+            raise PredictionFailed("model exploded")
+        return batch[:, 0], 0.0
+
+    batcher = Batcher(flaky, max_batch_size=4, max_delay_ms=0, max_queue=10, max_inflight=1)
+    with pytest.raises(PredictionFailed, match="model exploded"):
+        await batcher.submit(rows(1), later())
+    assert (await asyncio.wait_for(batcher.submit(rows(2), later()), 5)).values == [2.0]
+    await batcher.close()
+
+
+async def test_close_with_pending_items_fails_them_and_finishes_running_batches() -> None:
+    runner = GatedRunner(gated=True)
+    batcher = make(runner, max_batch_size=8)
+    running = await occupy_slot(batcher, runner)
+    queued = [asyncio.create_task(batcher.submit(rows(v), later())) for v in (1, 2)]
+    await settle()
+    closing = asyncio.create_task(batcher.close())
+    await settle()
+    for task in queued:
+        with pytest.raises(ShuttingDown):
+            await task
+    runner.gate.set()
+    await asyncio.wait_for(closing, 5)
+    assert running.result().values == [-10.0]
+    with pytest.raises(ShuttingDown):
+        await batcher.submit(rows(3), later())
+
+
+async def test_full_queue_rejects_at_once() -> None:
+    runner = GatedRunner(gated=True)
+    batcher = make(runner, max_queue=2)
+    blocker = await occupy_slot(batcher, runner)
+    queued = [asyncio.create_task(batcher.submit(rows(v), later())) for v in (1, 2)]
+    await settle()
+    with pytest.raises(QueueFull):
+        await batcher.submit(rows(3), later())
+    runner.gate.set()
+    await asyncio.wait_for(asyncio.gather(blocker, *queued), 5)
+    await batcher.close()
+
+
+async def test_deadline_passed_while_queued_is_dropped_before_the_batch_runs() -> None:
+    runner = GatedRunner(gated=True)
+    batcher = make(runner, max_batch_size=8)
+    blocker = await occupy_slot(batcher, runner)
+    doomed = asyncio.create_task(batcher.submit(rows(1), later(0.05)))
+    kept = asyncio.create_task(batcher.submit(rows(2), later()))
+    with pytest.raises(DeadlineExceeded):
+        await asyncio.wait_for(doomed, 5)
+    runner.gate.set()
+    await asyncio.wait_for(asyncio.gather(blocker, kept), 5)
+    assert runner.sizes == [1, 1]
+    assert kept.result().values == [20.0]
+    await batcher.close()
+
+
+async def test_deadline_bounds_the_wait_while_the_batch_runs() -> None:
+    runner = GatedRunner(gated=True)
+    batcher = make(runner)
+    with pytest.raises(DeadlineExceeded):
+        await asyncio.wait_for(batcher.submit(rows(1), later(0.1)), 5)
+    runner.gate.set()
+    await asyncio.wait_for(batcher.submit(rows(2), later()), 5)
+    await batcher.close()
+
+
+async def test_batches_grow_with_load_and_each_caller_gets_its_own_row() -> None:
+    runner = GatedRunner()
+    batcher = make(runner, max_batch_size=64, max_inflight=2)
+
+    async def client(offset: int) -> list[float]:
+        return [(await batcher.submit(rows(offset * 100 + i), later())).values[0] for i in range(20)]
+
+    answers = await asyncio.wait_for(asyncio.gather(*(client(c) for c in range(32))), 10)
+    assert answers == [[10.0 * (c * 100 + i) for i in range(20)] for c in range(32)]
+    assert max(runner.sizes) > 1
+    assert sum(runner.sizes) == 32 * 20
+    await batcher.close()

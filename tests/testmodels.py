@@ -1,0 +1,84 @@
+"""Real models with controllable behaviour, served by the real server and worker processes.
+
+They are not mocks: they are pickled with joblib, loaded by the sklearn runtime inside spawned
+workers, and answer real requests. They exist to make races and failures reproducible: a predict
+that takes a known time, one that kills its own worker process, a load that takes a while.
+Workers must be able to import this module: tests put ``tests/`` on ``PYTHONPATH``.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import joblib
+import numpy as np
+
+from mlserve import repository
+from mlserve.schemas import ModelMetadata
+
+CRASH_VALUE = -999.0
+
+
+class SlowModel:
+    """Predicts ``2 * x[0]`` after sleeping ``delay_s`` a call (whatever the batch size)."""
+
+    def __init__(self, delay_s: float) -> None:
+        self.delay_s = delay_s
+
+    def predict(self, batch: np.ndarray) -> np.ndarray:
+        time.sleep(self.delay_s)
+        return batch[:, 0] * 2
+
+
+class CrashingModel(SlowModel):
+    """Kills its worker process when a row's first feature is ``CRASH_VALUE``."""
+
+    def predict(self, batch: np.ndarray) -> np.ndarray:
+        if (batch[:, 0] == CRASH_VALUE).any():
+            os._exit(17)
+        return super().predict(batch)
+
+
+class WrongLengthModel:
+    """Returns one output fewer than it was given rows: a broken model."""
+
+    def predict(self, batch: np.ndarray) -> np.ndarray:
+        return batch[1:, 0]
+
+
+class SlowLoadingModel(SlowModel):
+    """Takes ``load_s`` to unpickle, so a test can see the server while models load."""
+
+    def __init__(self, delay_s: float, load_s: float) -> None:
+        super().__init__(delay_s)
+        self.load_s = load_s
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        time.sleep(state["load_s"])
+        self.__dict__.update(state)
+
+
+def write_model(
+    models_dir: str | Path,
+    name: str,
+    version: str,
+    estimator: object,
+    n_features: int = 4,
+    batching: dict[str, float] | None = None,
+) -> Path:
+    buffer = io.BytesIO()
+    joblib.dump(estimator, buffer)
+    metadata = ModelMetadata(
+        name=name,
+        version=version,
+        framework="sklearn",
+        artifact="model.joblib",
+        input_shape=[n_features],
+        description=f"test model {type(estimator).__name__}",
+        batching=batching or {},
+    )
+    return repository.write_version(models_dir, metadata, buffer.getvalue())
