@@ -24,28 +24,31 @@ log = logging.getLogger(__name__)
 
 
 async def _pool_ctx(app: web.Application) -> AsyncIterator[None]:
-    settings = app[SETTINGS]
-    pool = WorkerPool(settings.worker_count, settings.worker_threads, settings.worker_start_timeout_s)
+    pool = app[POOL]
     await pool.start()
-    app[POOL] = pool
     yield
     await pool.close()
 
 
 async def _service_ctx(app: web.Application) -> AsyncIterator[None]:
-    settings = app[SETTINGS]
-    service = ModelService(settings, app[POOL], app[METRICS])
-    service.discover()
+    service = app[SERVICE]
     service.start_loading()
-    app[SERVICE] = service
     yield
-    await service.close(settings.shutdown_timeout_s)
+    await service.close(app[SETTINGS].shutdown_timeout_s)
 
 
 def create_app(settings: Settings) -> web.Application:
+    """Build everything and check the repository now; processes start only when the app does.
+
+    A bad repository or settings error raises here, before any worker exists: aiohttp does not run
+    the teardown of contexts that started when a later one fails to.
+    """
     app = web.Application(client_max_size=settings.max_body_bytes, middlewares=[error_middleware])
     app[SETTINGS] = settings
     app[METRICS] = Metrics()
+    app[POOL] = WorkerPool(settings.worker_count, settings.worker_threads, settings.worker_start_timeout_s)
+    app[SERVICE] = ModelService(settings, app[POOL], app[METRICS])
+    app[SERVICE].discover()
     app.cleanup_ctx.append(_pool_ctx)
     app.cleanup_ctx.append(_service_ctx)
     predict.add_routes(app)

@@ -1,0 +1,32 @@
+# mlserve with the bundled demo models. Build: docker build -t mlserve .
+# Run:   docker run -p 8080:8080 mlserve     (SIGTERM from `docker stop` drains in-flight requests)
+FROM python:3.11-slim
+
+ENV PYTHONUNBUFFERED=1 \
+    PIP_NO_CACHE_DIR=1 \
+    PIP_DISABLE_PIP_VERSION_CHECK=1 \
+    MLSERVE_HOST=0.0.0.0 \
+    MLSERVE_PORT=8080 \
+    MLSERVE_MODELS_DIR=/app/models
+
+WORKDIR /app
+
+# Dependencies first, so code changes do not reinstall torch.
+COPY pyproject.toml README.md ./
+RUN mkdir mlserve && touch mlserve/__init__.py && pip install . && pip uninstall -y mlserve
+
+COPY mlserve ./mlserve
+RUN pip install --no-deps .
+
+# The demo models are trained at build time from data inside scikit-learn: no downloads.
+COPY models/README.md ./models/README.md
+RUN mlserve models --models-dir /app/models
+
+RUN useradd --system --uid 10001 mlserve && chown -R mlserve /app
+USER mlserve
+
+EXPOSE 8080
+STOPSIGNAL SIGTERM
+HEALTHCHECK --interval=10s --timeout=3s --start-period=60s \
+    CMD python -c "import urllib.request; urllib.request.urlopen('http://127.0.0.1:8080/health/ready', timeout=2)"
+ENTRYPOINT ["mlserve", "serve"]
