@@ -6,12 +6,10 @@ names, so a prediction reads ``"setosa"`` rather than ``0``.
 
 from __future__ import annotations
 
-import io
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-import joblib
 from sklearn.datasets import load_iris
 from sklearn.ensemble import RandomForestClassifier
 from sklearn.linear_model import LogisticRegression
@@ -19,7 +17,7 @@ from sklearn.metrics import accuracy_score
 from sklearn.model_selection import train_test_split
 
 from mlserve import repository
-from mlserve.schemas import ModelMetadata
+from mlserve.runtimes import sklearn as sklearn_runtime
 
 IRIS = "iris_classifier"
 SEED = 42
@@ -53,13 +51,11 @@ def train_iris(models_dir: str | Path, force: bool = False) -> list[str]:
             continue
         estimator.fit(x_train, y_train)
         accuracy = float(accuracy_score(y_test, estimator.predict(x_test)))
-        artifact = io.BytesIO()
-        joblib.dump(estimator, artifact)
-        metadata = ModelMetadata(
-            name=IRIS,
-            version=version,
-            framework="sklearn",
-            artifact="model.joblib",
+        sklearn_runtime.save(
+            models_dir,
+            estimator,
+            IRIS,
+            version,
             input_shape=[x_train.shape[1]],
             created_at=datetime.now(timezone.utc).isoformat(timespec="seconds"),
             accuracy=round(accuracy, 4),
@@ -67,6 +63,5 @@ def train_iris(models_dir: str | Path, force: bool = False) -> list[str]:
             description=description,
             batching=batching,
         )
-        repository.write_version(models_dir, metadata, artifact.getvalue())
         trained.append(f"{IRIS}:{version} (held-out accuracy {accuracy:.3f})")
     return trained

@@ -8,17 +8,14 @@ Workers must be able to import this module: tests put ``tests/`` on ``PYTHONPATH
 
 from __future__ import annotations
 
-import io
 import os
 import time
 from pathlib import Path
 from typing import Any
 
-import joblib
 import numpy as np
 
-from mlserve import repository
-from mlserve.schemas import ModelMetadata
+from mlserve.runtimes import sklearn as sklearn_runtime
 
 CRASH_VALUE = -999.0
 
@@ -70,15 +67,7 @@ def write_model(
     n_features: int = 4,
     batching: dict[str, float] | None = None,
 ) -> Path:
-    buffer = io.BytesIO()
-    joblib.dump(estimator, buffer)
-    metadata = ModelMetadata(
-        name=name,
-        version=version,
-        framework="sklearn",
-        artifact="model.joblib",
-        input_shape=[n_features],
-        description=f"test model {type(estimator).__name__}",
-        batching=batching or {},
+    description = f"test model {type(estimator).__name__}"
+    return sklearn_runtime.save(
+        models_dir, estimator, name, version, input_shape=[n_features], description=description, batching=batching or {}
     )
-    return repository.write_version(models_dir, metadata, buffer.getvalue())

@@ -2,10 +2,18 @@
 
 from __future__ import annotations
 
+import io
+from pathlib import Path
+from typing import Any
+
 import joblib
 import numpy as np
 
+from mlserve import repository
 from mlserve.repository import ModelSpec
+from mlserve.schemas import ModelMetadata
+
+ARTIFACT = "model.joblib"
 
 
 class SklearnRuntime:
@@ -21,3 +29,11 @@ def load(spec: ModelSpec) -> SklearnRuntime:
     if not callable(getattr(estimator, "predict", None)):
         raise TypeError(f"{spec.artifact_path} holds a {type(estimator).__name__}, which has no predict")
     return SklearnRuntime(estimator)
+
+
+def save(models_dir: str | Path, estimator: object, name: str, version: str, **metadata: Any) -> Path:
+    """Publish a fitted estimator as ``models_dir/name/version`` with its ``model.toml``."""
+    artifact = io.BytesIO()
+    joblib.dump(estimator, artifact)
+    spec = ModelMetadata(name=name, version=version, framework="sklearn", artifact=ARTIFACT, **metadata)
+    return repository.write_version(models_dir, spec, artifact.getvalue())
