@@ -13,7 +13,7 @@ from collections.abc import AsyncIterator
 from aiohttp import web
 
 from mlserve.api import health, models, predict
-from mlserve.api.errors import error_middleware
+from mlserve.api.errors import add_fallback_route, guard
 from mlserve.api.keys import METRICS, POOL, SERVICE, SETTINGS
 from mlserve.metrics import Metrics
 from mlserve.pool import WorkerPool
@@ -43,7 +43,7 @@ def create_app(settings: Settings) -> web.Application:
     A bad repository or settings error raises here, before any worker exists: aiohttp does not run
     the teardown of contexts that started when a later one fails to.
     """
-    app = web.Application(client_max_size=settings.max_body_bytes, middlewares=[error_middleware])
+    app = web.Application(client_max_size=settings.max_body_bytes)
     app[SETTINGS] = settings
     app[METRICS] = Metrics()
     app[POOL] = WorkerPool(settings.worker_count, settings.worker_threads, settings.worker_start_timeout_s)
@@ -54,7 +54,8 @@ def create_app(settings: Settings) -> web.Application:
     predict.add_routes(app)
     models.add_routes(app)
     health.add_routes(app)
-    app.router.add_get("/metrics", app[METRICS].handle, name="metrics")
+    app.router.add_get("/metrics", guard(app[METRICS].handle), name="metrics")
+    add_fallback_route(app)
     return app
 
 

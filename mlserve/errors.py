@@ -36,7 +36,11 @@ class ModelNotFound(MlserveError):
 
 
 class ModelNotReady(MlserveError):
-    """The version exists but is still loading, or failed to load."""
+    """The version exists but is still loading (worth retrying) or failed to load (not worth it)."""
+
+    def __init__(self, message: str, retry_after_s: int | None) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
 
 
 class QueueFull(MlserveError):
@@ -50,7 +54,9 @@ class DeadlineExceeded(MlserveError):
 
 
 class ShuttingDown(MlserveError):
-    """The server is stopping and no longer takes work."""
+    """The server is stopping and no longer takes work; another replica may."""
+
+    retry_after_s = 1
 
 
 class WorkerUnavailable(MlserveError):

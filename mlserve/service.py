@@ -31,15 +31,20 @@ State = Literal["loading", "ready", "failed"]
 class ServedVersion:
     """One (model, version): its spec, effective batching knobs, load state and batcher."""
 
-    __slots__ = ("spec", "batching", "state", "error", "batcher", "labels", "n_features", "row_shape")
+    __slots__ = (
+        "spec", "batching", "state", "error", "batcher", "n_features", "row_shape", "queue_time", "compute_time", "batch_rows"
+    )
 
-    def __init__(self, spec: ModelSpec, batching: BatchingSettings) -> None:
+    def __init__(self, spec: ModelSpec, batching: BatchingSettings, metrics: Metrics) -> None:
         self.spec = spec
         self.batching = batching
         self.state: State = "loading"
         self.error: str | None = None
         self.batcher: Batcher | None = None
-        self.labels = {"model": spec.name, "version": spec.version}
+        labels = {"model": spec.name, "version": spec.version}
+        self.queue_time = metrics.queue_duration.get(labels)
+        self.compute_time = metrics.inference_duration.get(labels)
+        self.batch_rows = metrics.batch_size.get(labels)
         self.row_shape = tuple(spec.metadata.input_shape)
         self.n_features = int(np.prod(self.row_shape))
 
@@ -62,7 +67,7 @@ class ModelService:
         specs = repository.scan(self._settings.models_dir)
         for spec in specs:
             batching = self._settings.batching_for(spec.name, spec.metadata.batching)
-            self._router.add(spec.name, spec.version, ServedVersion(spec, batching))
+            self._router.add(spec.name, spec.version, ServedVersion(spec, batching, self._metrics))
         for name, versions in self._router.models().items():
             override = self._settings.models.get(name)
             wanted = override.active_version if override and override.active_version else None
@@ -108,17 +113,17 @@ class ModelService:
             max_queue=knobs.max_queue,
             max_inflight=knobs.max_inflight or self._pool.size,
             name=spec.key,
-            on_batch=lambda rows, labels=served.labels: self._metrics.batch_size.observe(labels, rows),
+            on_batch=served.batch_rows.observe,
         )
         served.state = "ready"
         log.info("loaded %s (%s)", spec.key, spec.metadata.framework)
 
     def _runner(self, served: ServedVersion):  # type: ignore[no-untyped-def]
-        key, labels, pool, inference = served.spec.key, served.labels, self._pool, self._metrics.inference_duration
+        key, pool, compute_time = served.spec.key, self._pool, served.compute_time
 
         async def run_batch(rows: np.ndarray) -> tuple[np.ndarray, float]:
             outputs, compute_s = await pool.predict(key, rows)
-            inference.observe(labels, compute_s)
+            compute_time.observe(compute_s)
             return outputs, compute_s
 
         return run_batch
@@ -131,14 +136,14 @@ class ModelService:
         served = self._router.resolve(model, version)
         if served.state != "ready":
             detail = f": {served.error}" if served.error else ""
-            raise ModelNotReady(f"{served.spec.key} is {served.state}{detail}")
+            raise ModelNotReady(f"{served.spec.key} is {served.state}{detail}", 1 if served.state == "loading" else None)
         return served
 
     async def predict(self, served: ServedVersion, rows: np.ndarray, deadline: float) -> BatchResult:
         """Run validated ``rows`` through the version's batcher; ``deadline`` is loop time."""
         assert served.batcher is not None
         result = await served.batcher.submit(rows, deadline)
-        self._metrics.queue_duration.observe(served.labels, result.queue_s)
+        served.queue_time.observe(result.queue_s)
         return result
 
     def describe(self, name: str | None = None) -> ModelsResponse:
@@ -174,7 +179,8 @@ class ModelService:
         for versions in self._router.models().values():
             for served in versions.values():
                 if served.batcher is not None:
-                    metrics.queue_depth.set(served.labels, served.batcher.queue_depth)
+                    labels = {"model": served.spec.name, "version": served.spec.version}
+                    metrics.queue_depth.set(labels, served.batcher.queue_depth)
         metrics.workers_live.set({}, self._pool.live_workers)
         metrics.worker_restarts.set({}, self._pool.restart_count)
 

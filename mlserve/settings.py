@@ -73,7 +73,8 @@ class Settings(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     max_body_bytes: PositiveInt = 1 << 20
     max_batch_rows: PositiveInt = 1024
     """Rows one ``/predict/batch`` request may carry (413 beyond)."""
-    shutdown_timeout_s: NonNegativeFloat = 30.0
+    shutdown_timeout_s: PositiveFloat = 30.0
+    """How long SIGTERM waits for in-flight requests (aiohttp would read 0 as "wait forever")."""
     log_level: str = "INFO"
     access_log: bool = False
     """Off by default: aiohttp's access log formats a line per request on the hot path."""

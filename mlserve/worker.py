@@ -130,4 +130,7 @@ def main(sock: socket.socket, threads: int) -> None:
             reply = encode(_handle(models, message))
         except Exception as exc:
             reply = encode((message[1], STATUS_ERROR, f"{type(exc).__name__}: {exc}", 0.0))
-        send_frame(sock, reply)
+        try:
+            send_frame(sock, reply)
+        except OSError:
+            return  # the parent closed the socket (shutdown cut this batch off): nobody is waiting

@@ -260,6 +260,18 @@ async def test_deadline_bounds_the_wait_while_the_batch_runs() -> None:
     await batcher.close()
 
 
+async def test_earlier_deadline_behind_a_later_one_still_expires_on_time() -> None:
+    runner = GatedRunner(gated=True)
+    batcher = make(runner, max_batch_size=8)
+    patient = asyncio.create_task(batcher.submit(rows(1), later(30)))
+    hasty = asyncio.create_task(batcher.submit(rows(2), later(0.1)))
+    with pytest.raises(DeadlineExceeded):
+        await asyncio.wait_for(hasty, 2)
+    runner.gate.set()
+    assert (await asyncio.wait_for(patient, 5)).values == [10.0]
+    await batcher.close()
+
+
 async def test_batches_grow_with_load_and_each_caller_gets_its_own_row() -> None:
     runner = GatedRunner()
     batcher = make(runner, max_batch_size=64, max_inflight=2)

@@ -1,8 +1,12 @@
 """The one place where errors become HTTP statuses, and where request metrics are recorded.
 
 Every failure leaves as a JSON object with an ``"error"`` string: the core's typed errors, aiohttp's
-own (unknown route, wrong method, body over ``client_max_size``) and anything unexpected, which is
+own (body over ``client_max_size``), unknown routes and methods, and anything unexpected, which is
 logged with its traceback and answered with a 500 that reveals nothing internal.
+
+Handlers are wrapped one by one with ``guard`` rather than by an aiohttp middleware: a middleware
+adds two coroutine layers to every request, which measured 11% of the cheap model's throughput.
+Unknown paths and methods reach ``unmatched``, a catch-all route registered last.
 """
 
 from __future__ import annotations
@@ -32,8 +36,6 @@ STATUS: dict[type[errors.MlserveError], int] = {
     errors.WorkerUnavailable: 503,
     errors.DeadlineExceeded: 504,
 }
-METERED_ENDPOINTS = frozenset({"predict", "predict_batch"})
-
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
@@ -49,9 +51,7 @@ def json_error(status: int, message: str, path: str | None = None, headers: dict
 def from_error(exc: errors.MlserveError) -> web.Response:
     status = next((code for kind, code in STATUS.items() if isinstance(exc, kind)), 500)
     retry_after = getattr(exc, "retry_after_s", None)
-    if status == 503 and retry_after is None:
-        retry_after = 1
-    headers = {"Retry-After": str(retry_after)} if status == 503 else None
+    headers = {"Retry-After": str(retry_after)} if retry_after is not None else None
     return json_error(status, str(exc), getattr(exc, "path", None), headers)
 
 
@@ -67,21 +67,41 @@ def validation_path(exc: msgspec.ValidationError) -> str | None:
     return path.rstrip("`") if marker else None
 
 
-@web.middleware
-async def error_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
-    started = time.perf_counter()
-    try:
-        response = await handler(request)
-    except errors.MlserveError as exc:
-        response = from_error(exc)
-    except web.HTTPException as exc:
-        response = from_http_exception(exc)
-    except Exception:
-        log.exception("unhandled error on %s %s", request.method, request.path)
-        response = json_error(500, "internal server error")
-    route = request.match_info.route.name
-    if route in METERED_ENDPOINTS:
-        served = request.get(SERVED)
-        model, version = (served.spec.name, served.spec.version) if served is not None else ("", "")
-        request.app[METRICS].observe_request(model, version, route, response.status, time.perf_counter() - started)
-    return response
+def guard(handler: Handler, endpoint: str | None = None) -> Handler:
+    """Map ``handler``'s errors to JSON responses; for prediction endpoints, record its metrics."""
+
+    async def guarded(request: web.Request) -> web.StreamResponse:
+        started = time.perf_counter()
+        try:
+            response = await handler(request)
+        except errors.MlserveError as exc:
+            response = from_error(exc)
+        except web.HTTPException as exc:
+            response = from_http_exception(exc)
+        except Exception:
+            log.exception("unhandled error on %s %s", request.method, request.path)
+            response = json_error(500, "internal server error")
+        if endpoint is not None:
+            served = request.get(SERVED)
+            model, version = (served.spec.name, served.spec.version) if served is not None else ("", "")
+            request.app[METRICS].observe_request(model, version, endpoint, response.status, time.perf_counter() - started)
+        return response
+
+    return guarded
+
+
+async def unmatched(request: web.Request) -> web.Response:
+    """404 for an unknown path; 405 with ``Allow`` for a known path asked with the wrong method."""
+    fallback = request.match_info.route.resource
+    allowed: set[str] = set()
+    for resource in request.app.router.resources():
+        if resource is not fallback:
+            allowed |= (await resource.resolve(request))[1]
+    if allowed:
+        return json_error(405, f"method {request.method} not allowed", headers={"Allow": ",".join(sorted(allowed))})
+    return json_error(404, f"no such route: {request.path}")
+
+
+def add_fallback_route(app: web.Application) -> None:
+    """Register last: it matches every path and method that no other route took."""
+    app.router.add_route("*", "/{path:.*}", guard(unmatched), name="unmatched")

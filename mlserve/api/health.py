@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from aiohttp import web
 
+from mlserve.api.errors import guard
 from mlserve.api.keys import SERVICE
 from mlserve.api.predict import respond
 from mlserve.schemas import HealthResponse
@@ -25,5 +26,5 @@ async def ready(request: web.Request) -> web.Response:
 
 
 def add_routes(app: web.Application) -> None:
-    app.router.add_get("/health/live", live, name="health_live")
-    app.router.add_get("/health/ready", ready, name="health_ready")
+    app.router.add_get("/health/live", guard(live), name="health_live")
+    app.router.add_get("/health/ready", guard(ready), name="health_ready")

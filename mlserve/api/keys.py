@@ -14,4 +14,4 @@ METRICS = web.AppKey("metrics", Metrics)
 POOL = web.AppKey("pool", WorkerPool)
 SERVICE = web.AppKey("service", ModelService)
 SERVED = "mlserve.served"
-"""Request-scoped: the version that answered, so the middleware can label its metrics."""
+"""Request-scoped: the version that answered, so `guard` can label its metrics."""

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from aiohttp import web
 
+from mlserve.api.errors import guard
 from mlserve.api.keys import SERVICE
 from mlserve.api.predict import respond
 from mlserve.errors import ModelNotFound
@@ -22,5 +23,5 @@ async def list_versions(request: web.Request) -> web.Response:
 
 
 def add_routes(app: web.Application) -> None:
-    app.router.add_get("/models", list_models, name="models")
-    app.router.add_get("/models/{name}/versions", list_versions, name="model_versions")
+    app.router.add_get("/models", guard(list_models), name="models")
+    app.router.add_get("/models/{name}/versions", guard(list_versions), name="model_versions")

@@ -11,7 +11,7 @@ import numpy as np
 from aiohttp import web
 
 from mlserve import schemas
-from mlserve.api.errors import validation_path
+from mlserve.api.errors import guard, validation_path
 from mlserve.api.keys import SERVED, SERVICE, SETTINGS
 from mlserve.errors import BadRequest, PayloadTooLarge, ValidationFailed
 from mlserve.service import ServedVersion
@@ -30,18 +30,23 @@ def decode(decoder: msgspec.json.Decoder[Any], body: bytes) -> Any:
 
 
 def to_rows(samples: list[list[float]], served: ServedVersion, path: str, single: bool) -> np.ndarray:
-    """Stack decoded rows into the model's input array, refusing wrong widths and non-finite values."""
+    """Stack decoded rows into the model's input array, refusing wrong widths and non-finite values.
+
+    JSON has no NaN or infinity literals, but a number like ``1e999`` overflows to infinity. One row is
+    checked in Python (cheaper than numpy for a handful of floats); a batch with numpy.
+    """
     width = served.n_features
     for index, row in enumerate(samples):
         if len(row) != width:
             where = path if single else f"{path}[{index}]"
             raise ValidationFailed(f"expected {width} features, got {len(row)}", where)
     rows = np.array(samples, dtype=np.float64)
-    if not np.isfinite(rows).all():
+    finite = all(map(math.isfinite, samples[0])) if single else np.isfinite(rows).all()
+    if not finite:
         index, column = np.argwhere(~np.isfinite(rows))[0]
         where = f"{path}[{column}]" if single else f"{path}[{index}][{column}]"
         raise ValidationFailed("features must be finite numbers (no NaN or infinity)", where)
-    return rows.reshape(len(samples), *served.row_shape)
+    return rows if len(served.row_shape) == 1 else rows.reshape(len(samples), *served.row_shape)
 
 
 def deadline(request: web.Request) -> float:
@@ -104,5 +109,5 @@ async def predict_batch(request: web.Request) -> web.Response:
 
 
 def add_routes(app: web.Application) -> None:
-    app.router.add_post("/predict", predict, name="predict")
-    app.router.add_post("/predict/batch", predict_batch, name="predict_batch")
+    app.router.add_post("/predict", guard(predict, "predict"), name="predict")
+    app.router.add_post("/predict/batch", guard(predict_batch, "predict_batch"), name="predict_batch")

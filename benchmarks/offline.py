@@ -1,0 +1,131 @@
+"""Offline compute ceiling: how many rows/s the model itself can predict.
+
+Why: served throughput means little without knowing what the model costs with
+no HTTP, no JSON and no queueing.  We load the same joblib files the server
+loads, in a plain separate Python process (nothing else imported, no event
+loop), and time ``predict`` at batch 1 and batch 32.  Batch 32 is the ceiling
+a batching server could approach; batch 1 is what an unbatched one pays.
+
+Run standalone: ``python -m benchmarks.offline --models-dir DIR [--seconds 2]``
+prints one JSON object.  The harness calls :func:`measure`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+import warnings
+from pathlib import Path
+from typing import Any
+
+MODEL = "iris_classifier"
+VERSIONS = ("v1", "v2")
+BATCHES = (1, 32)
+# Iris feature ranges (min, max), same as benchmarks/wrk/predict.lua.
+RANGES = ((4.3, 7.9), (2.0, 4.4), (1.0, 6.9), (0.1, 2.5))
+
+
+def _unwrap(obj: Any) -> Any:
+    """Accept a bare estimator or a dict bundle holding one under a common key."""
+    if hasattr(obj, "predict"):
+        return obj
+    if isinstance(obj, dict):
+        for key in ("model", "estimator", "pipeline", "clf"):
+            if hasattr(obj.get(key), "predict"):
+                return obj[key]
+    raise TypeError(f"no predict() on loaded object of type {type(obj).__name__}")
+
+
+def time_predict(model: Any, batch: int, seconds: float, pool: Any) -> dict[str, float]:
+    """Call ``predict`` on fresh slices of ``pool`` for ~``seconds``; return rates."""
+    n_rows = pool.shape[0]
+    for i in range(3):  # warm-up: first calls pay lazy init / thread-pool spin-up
+        model.predict(pool[i * batch % (n_rows - batch) :][:batch])
+    calls = 0
+    offset = 0
+    start = time.perf_counter()
+    deadline = start + seconds
+    while True:
+        model.predict(pool[offset : offset + batch])
+        calls += 1
+        offset = (offset + batch) % (n_rows - batch)
+        now = time.perf_counter()
+        if now >= deadline and calls >= 5:
+            break
+    elapsed = now - start
+    return {
+        "batch": batch,
+        "calls": calls,
+        "seconds": round(elapsed, 4),
+        "ms_per_call": round(1000.0 * elapsed / calls, 4),
+        "rows_per_s": round(batch * calls / elapsed, 1),
+    }
+
+
+def run(models_dir: Path, seconds: float) -> dict[str, Any]:
+    """Measure every version found in ``models_dir``; missing ones are reported."""
+    import joblib
+    import numpy as np
+
+    rng = np.random.default_rng(1234)
+    lo = np.array([r[0] for r in RANGES])
+    hi = np.array([r[1] for r in RANGES])
+    pool = np.round(lo + (hi - lo) * rng.random((4096, 4)), 3)
+
+    result: dict[str, Any] = {"model": MODEL, "seconds_per_point": seconds, "versions": {}}
+    for version in VERSIONS:
+        path = models_dir / MODEL / version / "model.joblib"
+        if not path.exists():
+            result["versions"][version] = {"error": f"missing {path}"}
+            continue
+        t0 = time.perf_counter()
+        model = _unwrap(joblib.load(path))
+        entry: dict[str, Any] = {
+            "path": str(path),
+            "estimator": type(model).__name__,
+            "load_s": round(time.perf_counter() - t0, 3),
+        }
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # feature-name warnings etc. are noise here
+            for batch in BATCHES:
+                entry[f"batch_{batch}"] = time_predict(model, batch, seconds, pool)
+        result["versions"][version] = entry
+    return result
+
+
+def measure(models_dir: Path, seconds: float, timeout: float = 300.0) -> dict[str, Any]:
+    """Run :func:`run` in a fresh interpreter so harness state cannot skew it."""
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "benchmarks.offline",
+            "--models-dir",
+            str(models_dir),
+            "--seconds",
+            str(seconds),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        cwd=Path(__file__).resolve().parent.parent,
+    )
+    if proc.returncode != 0:
+        return {"error": f"offline rc={proc.returncode}: {proc.stderr.strip()[-1500:]}"}
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description="Offline predict() throughput ceiling.")
+    parser.add_argument("--models-dir", type=Path, required=True)
+    parser.add_argument("--seconds", type=float, default=2.0)
+    args = parser.parse_args(argv)
+    print(json.dumps(run(args.models_dir, args.seconds)))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
