@@ -67,5 +67,7 @@ def run(settings: Settings) -> None:
         port=settings.port,
         access_log=logging.getLogger("aiohttp.access") if settings.access_log else None,
         shutdown_timeout=settings.shutdown_timeout_s,
+        # A client that hangs up cancels its handler, so its queued rows are dropped, not computed.
+        handler_cancellation=True,
         print=lambda _: log.info("listening on http://%s:%d", settings.host, settings.port),
     )

@@ -88,13 +88,16 @@ class Batcher:
         max_inflight: int,
         name: str = "batcher",
         on_batch: Callable[[int], None] | None = None,
+        on_queued: Callable[[float], None] | None = None,
     ) -> None:
+        """``on_batch`` hears each dispatched batch's row count; ``on_queued`` each request's queue time."""
         self._run_batch = run_batch
         self._max_batch_size = max_batch_size
         self._max_delay_s = max_delay_ms / 1000.0
         self._max_queue = max_queue
         self._name = name
         self._on_batch = on_batch
+        self._on_queued = on_queued
         self._loop = asyncio.get_running_loop()
         self._queue: collections.deque[_Request] = collections.deque()
         self._wakeup = asyncio.Event()
@@ -266,6 +269,8 @@ class Batcher:
             part = values[position : position + count]
             position += count
             queue_s = dispatched - request.arrival
+            if start == 0 and self._on_queued is not None:
+                self._on_queued(queue_s)
             if count == len(request.rows):
                 if not request.future.done():
                     request.future.set_result(BatchResult(part, queue_s, compute_s))

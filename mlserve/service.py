@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Awaitable
 from typing import Literal
 
 import msgspec
@@ -114,6 +115,7 @@ class ModelService:
             max_inflight=knobs.max_inflight or self._pool.size,
             name=spec.key,
             on_batch=served.batch_rows.observe,
+            on_queued=served.queue_time.observe,
         )
         served.state = "ready"
         log.info("loaded %s (%s)", spec.key, spec.metadata.framework)
@@ -139,12 +141,13 @@ class ModelService:
             raise ModelNotReady(f"{served.spec.key} is {served.state}{detail}", 1 if served.state == "loading" else None)
         return served
 
-    async def predict(self, served: ServedVersion, rows: np.ndarray, deadline: float) -> BatchResult:
-        """Run validated ``rows`` through the version's batcher; ``deadline`` is loop time."""
+    def predict(self, served: ServedVersion, rows: np.ndarray, deadline: float) -> Awaitable[BatchResult]:
+        """Run validated ``rows`` through the version's batcher; ``deadline`` is loop time.
+
+        Returns the batcher's awaitable itself: a coroutine layer here would cost every request.
+        """
         assert served.batcher is not None
-        result = await served.batcher.submit(rows, deadline)
-        served.queue_time.observe(result.queue_s)
-        return result
+        return served.batcher.submit(rows, deadline)
 
     def describe(self, name: str | None = None) -> ModelsResponse:
         models = []

@@ -284,3 +284,27 @@ async def test_batches_grow_with_load_and_each_caller_gets_its_own_row() -> None
     assert max(runner.sizes) > 1
     assert sum(runner.sizes) == 32 * 20
     await batcher.close()
+
+
+async def test_observers_hear_every_batch_and_each_request_once() -> None:
+    runner = GatedRunner(gated=True)
+    batch_rows: list[int] = []
+    queue_times: list[float] = []
+    batcher = Batcher(
+        runner,
+        max_batch_size=4,
+        max_delay_ms=0,
+        max_queue=10,
+        max_inflight=1,
+        on_batch=batch_rows.append,
+        on_queued=queue_times.append,
+    )
+    blocker = await occupy_slot(batcher, runner)
+    split = asyncio.create_task(batcher.submit(rows(*range(6)), later()))
+    await asyncio.sleep(0.05)
+    runner.gate.set()
+    await asyncio.wait_for(asyncio.gather(blocker, split), 5)
+    assert batch_rows == [1, 4, 2]
+    assert len(queue_times) == 2, "a request split over two batches is one queued request"
+    assert queue_times[1] >= 0.04
+    await batcher.close()

@@ -139,6 +139,26 @@ async def test_shutdown_timeout_cuts_off_a_long_request_cleanly(
     assert "Traceback" not in server.log(), server.log()
 
 
+async def test_requests_whose_clients_hung_up_are_dropped_not_computed(
+    http: aiohttp.ClientSession, start_server: Callable[..., ServerProc], tmp_path: Path
+) -> None:
+    """Five clients give up while queued behind a 1 s request. Their requests must cost no model time
+    (dropped before a batch runs, counted as status 499), so the next caller is not stuck behind work
+    nobody wants: the model runs exactly two batches, the first request's and the next one's."""
+    one_at_a_time = {"MLSERVE_BATCHING__MAX_BATCH_SIZE": "1", "MLSERVE_BATCHING__MAX_INFLIGHT": "1"}
+    server = start_server(models_with(tmp_path, "slow", SlowModel(1.0)), workers=1, env=one_at_a_time)
+    [first] = await one_batch_per_worker(http, server, [1.0])
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=0.3)) as impatient:
+        gave_up = await asyncio.gather(
+            *(predict(impatient, server, [float(x), 0, 0, 0]) for x in range(5)), return_exceptions=True
+        )
+    assert all(isinstance(outcome, asyncio.TimeoutError) for outcome in gave_up), gave_up
+    doubled(await first, 1.0)
+    doubled(await predict(http, server, [7.0, 0, 0, 0]), 7.0)
+    assert await metric(http, server, "mlserve_batch_size_count") == 2
+    assert await metric(http, server, "mlserve_requests_total", status="499") == 5
+
+
 async def test_crashing_request_is_503_and_workers_come_back(
     http: aiohttp.ClientSession, start_server: Callable[..., ServerProc], tmp_path: Path
 ) -> None:

@@ -11,6 +11,7 @@ Unknown paths and methods reach ``unmatched``, a catch-all route registered last
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from collections.abc import Awaitable, Callable
@@ -36,6 +37,9 @@ STATUS: dict[type[errors.MlserveError], int] = {
     errors.WorkerUnavailable: 503,
     errors.DeadlineExceeded: 504,
 }
+CLIENT_CLOSED_REQUEST = 499
+"""Recorded (never sent) for a request whose client hung up before its answer: nginx's convention."""
+
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
@@ -78,16 +82,24 @@ def guard(handler: Handler, endpoint: str | None = None) -> Handler:
             response = from_error(exc)
         except web.HTTPException as exc:
             response = from_http_exception(exc)
+        except asyncio.CancelledError:
+            if endpoint is not None:
+                _observe(request, endpoint, CLIENT_CLOSED_REQUEST, started)
+            raise
         except Exception:
             log.exception("unhandled error on %s %s", request.method, request.path)
             response = json_error(500, "internal server error")
         if endpoint is not None:
-            served = request.get(SERVED)
-            model, version = (served.spec.name, served.spec.version) if served is not None else ("", "")
-            request.app[METRICS].observe_request(model, version, endpoint, response.status, time.perf_counter() - started)
+            _observe(request, endpoint, response.status, started)
         return response
 
     return guarded
+
+
+def _observe(request: web.Request, endpoint: str, status: int, started: float) -> None:
+    served = request.get(SERVED)
+    model, version = (served.spec.name, served.spec.version) if served is not None else ("", "")
+    request.app[METRICS].observe_request(model, version, endpoint, status, time.perf_counter() - started)
 
 
 async def unmatched(request: web.Request) -> web.Response:
