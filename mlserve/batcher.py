@@ -117,20 +117,21 @@ class Batcher:
     def in_flight(self) -> int:
         return len(self._running)
 
-    async def submit(self, rows: np.ndarray, deadline: float) -> BatchResult:
-        """Queue ``rows`` (already validated) and wait for their outputs, at most until ``deadline``.
+    async def submit(self, rows: np.ndarray, timeout_s: float) -> BatchResult:
+        """Queue ``rows`` (already validated) and wait for their outputs, at most ``timeout_s``.
 
-        ``deadline`` is on the loop's monotonic clock. Raises at once when the queue is full or the
-        batcher is closed, rather than making the caller wait.
+        Raises at once when the queue is full or the batcher is closed, rather than making the caller
+        wait. The deadline is taken on the loop's monotonic clock, from this moment.
         """
         if self._closed:
             raise ShuttingDown("the server is shutting down")
         if len(self._queue) >= self._max_queue:
             raise QueueFull(f"{self._name}: queue is full ({self._max_queue} requests waiting)")
+        if timeout_s <= 0:
+            raise DeadlineExceeded("the request's deadline passed before it was queued")
         loop = self._loop
         now = loop.time()
-        if deadline <= now:
-            raise DeadlineExceeded("the request's deadline passed before it was queued")
+        deadline = now + timeout_s
         future: asyncio.Future[BatchResult] = loop.create_future()
         self._queue.append(_Request(rows, future, deadline, now))
         self._wakeup.set()

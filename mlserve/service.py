@@ -141,13 +141,13 @@ class ModelService:
             raise ModelNotReady(f"{served.spec.key} is {served.state}{detail}", 1 if served.state == "loading" else None)
         return served
 
-    def predict(self, served: ServedVersion, rows: np.ndarray, deadline: float) -> Awaitable[BatchResult]:
-        """Run validated ``rows`` through the version's batcher; ``deadline`` is loop time.
+    def predict(self, served: ServedVersion, rows: np.ndarray, timeout_s: float) -> Awaitable[BatchResult]:
+        """Run validated ``rows`` through the version's batcher, waiting at most ``timeout_s``.
 
         Returns the batcher's awaitable itself: a coroutine layer here would cost every request.
         """
         assert served.batcher is not None
-        return served.batcher.submit(rows, deadline)
+        return served.batcher.submit(rows, timeout_s)
 
     def describe(self, name: str | None = None) -> ModelsResponse:
         models = []

@@ -47,13 +47,14 @@ def make(runner: GatedRunner, **knobs: float) -> Batcher:
     return Batcher(runner, **settings)  # type: ignore[arg-type]
 
 
-def later(seconds: float = 30.0) -> float:
-    return asyncio.get_running_loop().time() + seconds
+def within(seconds: float = 30.0) -> float:
+    """A request's timeout: long unless the test is about deadlines."""
+    return seconds
 
 
 async def occupy_slot(batcher: Batcher, runner: GatedRunner) -> asyncio.Task[BatchResult]:
     """Submit one request and wait until its batch holds the only slot (the gate is closed)."""
-    task = asyncio.create_task(batcher.submit(rows(-1), later()))
+    task = asyncio.create_task(batcher.submit(rows(-1), within()))
     await asyncio.wait_for(runner.started.wait(), 5)
     return task
 
@@ -66,7 +67,7 @@ async def settle() -> None:
 async def test_eager_dispatch_at_one_client() -> None:
     runner = GatedRunner()
     batcher = make(runner, max_delay_ms=0)
-    result = await asyncio.wait_for(batcher.submit(rows(3), later()), 5)
+    result = await asyncio.wait_for(batcher.submit(rows(3), within()), 5)
     assert result.values == [30.0]
     assert result.compute_s == 0.002
     assert runner.sizes == [1]
@@ -76,7 +77,7 @@ async def test_eager_dispatch_at_one_client() -> None:
 async def test_full_batch_closes_without_waiting_for_the_delay() -> None:
     runner = GatedRunner()
     batcher = make(runner, max_batch_size=4, max_delay_ms=60_000)
-    results = await asyncio.wait_for(asyncio.gather(*(batcher.submit(rows(i), later()) for i in range(4))), 5)
+    results = await asyncio.wait_for(asyncio.gather(*(batcher.submit(rows(i), within()) for i in range(4))), 5)
     assert [r.values for r in results] == [[0.0], [10.0], [20.0], [30.0]]
     assert runner.sizes == [4]
     await batcher.close()
@@ -87,9 +88,9 @@ async def test_delay_window_is_measured_from_first_enqueue() -> None:
     batcher = make(runner, max_batch_size=100, max_delay_ms=400)
     loop = asyncio.get_running_loop()
     started = loop.time()
-    first = asyncio.create_task(batcher.submit(rows(1), later()))
+    first = asyncio.create_task(batcher.submit(rows(1), within()))
     await asyncio.sleep(0.3)
-    second = asyncio.create_task(batcher.submit(rows(2), later()))
+    second = asyncio.create_task(batcher.submit(rows(2), within()))
     await asyncio.wait_for(asyncio.gather(first, second), 5)
     # One batch holding both, closed 400 ms after the FIRST arrival, not 400 ms after the second.
     assert runner.sizes == [2]
@@ -101,7 +102,7 @@ async def test_queue_larger_than_one_batch_is_drained_in_full_batches() -> None:
     runner = GatedRunner(gated=True)
     batcher = make(runner, max_batch_size=4, max_inflight=1)
     blocker = await occupy_slot(batcher, runner)
-    waiting = [asyncio.create_task(batcher.submit(rows(i), later())) for i in range(10)]
+    waiting = [asyncio.create_task(batcher.submit(rows(i), within())) for i in range(10)]
     await settle()
     assert batcher.queue_depth == 10
     runner.gate.set()
@@ -115,8 +116,8 @@ async def test_request_split_across_batches_is_reassembled_in_order() -> None:
     runner = GatedRunner(gated=True)
     batcher = make(runner, max_batch_size=4)
     blocker = await occupy_slot(batcher, runner)
-    small = asyncio.create_task(batcher.submit(rows(100), later()))
-    big = asyncio.create_task(batcher.submit(rows(*range(9)), later()))
+    small = asyncio.create_task(batcher.submit(rows(100), within()))
+    big = asyncio.create_task(batcher.submit(rows(*range(9)), within()))
     await settle()
     runner.gate.set()
     await asyncio.wait_for(asyncio.gather(blocker, small, big), 5)
@@ -132,7 +133,7 @@ async def test_cancelled_caller_is_skipped_while_batch_mates_resolve() -> None:
     # Room for two: the cancelled caller must not take the place of a live one.
     batcher = make(runner, max_batch_size=2)
     blocker = await occupy_slot(batcher, runner)
-    first, gone, last = (asyncio.create_task(batcher.submit(rows(v), later())) for v in (1, 2, 3))
+    first, gone, last = (asyncio.create_task(batcher.submit(rows(v), within())) for v in (1, 2, 3))
     await settle()
     gone.cancel()
     await settle()
@@ -147,7 +148,7 @@ async def test_cancelled_caller_is_skipped_while_batch_mates_resolve() -> None:
 async def test_caller_cancelled_while_its_batch_runs_does_not_break_batch_mates() -> None:
     runner = GatedRunner(gated=True)
     batcher = make(runner, max_batch_size=8)
-    mates = [asyncio.create_task(batcher.submit(rows(v), later())) for v in (1, 2, 3)]
+    mates = [asyncio.create_task(batcher.submit(rows(v), within())) for v in (1, 2, 3)]
     await asyncio.wait_for(runner.started.wait(), 5)
     assert runner.sizes == [3]
     mates[1].cancel()
@@ -162,7 +163,7 @@ async def test_output_length_mismatch_fails_every_caller_of_that_batch() -> None
     runner = GatedRunner(gated=True, output=lambda batch: batch[1:, 0])
     batcher = make(runner, max_batch_size=8)
     blocker = await occupy_slot(batcher, runner)
-    mates = [asyncio.create_task(batcher.submit(rows(v), later())) for v in (1, 2)]
+    mates = [asyncio.create_task(batcher.submit(rows(v), within())) for v in (1, 2)]
     await settle()
     runner.gate.set()
     outcomes = await asyncio.gather(blocker, *mates, return_exceptions=True)
@@ -175,15 +176,15 @@ async def test_failure_during_assembly_fails_only_its_batch() -> None:
     runner = GatedRunner(gated=True)
     batcher = make(runner, max_batch_size=8)
     blocker = await occupy_slot(batcher, runner)
-    narrow = asyncio.create_task(batcher.submit(np.zeros((1, 2)), later()))
-    wide = asyncio.create_task(batcher.submit(np.zeros((1, 3)), later()))
+    narrow = asyncio.create_task(batcher.submit(np.zeros((1, 2)), within()))
+    wide = asyncio.create_task(batcher.submit(np.zeros((1, 3)), within()))
     await settle()
     runner.gate.set()
     await blocker
     outcomes = await asyncio.gather(narrow, wide, return_exceptions=True)
     assert all(isinstance(o, PredictionFailed) for o in outcomes), outcomes
     # The collector survived: the next request is served.
-    assert (await asyncio.wait_for(batcher.submit(rows(5), later()), 5)).values == [50.0]
+    assert (await asyncio.wait_for(batcher.submit(rows(5), within()), 5)).values == [50.0]
     await batcher.close()
 
 
@@ -199,8 +200,8 @@ async def test_run_batch_error_fails_its_callers_and_the_collector_survives() ->
 
     batcher = Batcher(flaky, max_batch_size=4, max_delay_ms=0, max_queue=10, max_inflight=1)
     with pytest.raises(PredictionFailed, match="model exploded"):
-        await batcher.submit(rows(1), later())
-    assert (await asyncio.wait_for(batcher.submit(rows(2), later()), 5)).values == [2.0]
+        await batcher.submit(rows(1), within())
+    assert (await asyncio.wait_for(batcher.submit(rows(2), within()), 5)).values == [2.0]
     await batcher.close()
 
 
@@ -208,7 +209,7 @@ async def test_close_with_pending_items_fails_them_and_finishes_running_batches(
     runner = GatedRunner(gated=True)
     batcher = make(runner, max_batch_size=8)
     running = await occupy_slot(batcher, runner)
-    queued = [asyncio.create_task(batcher.submit(rows(v), later())) for v in (1, 2)]
+    queued = [asyncio.create_task(batcher.submit(rows(v), within())) for v in (1, 2)]
     await settle()
     closing = asyncio.create_task(batcher.close())
     await settle()
@@ -219,17 +220,17 @@ async def test_close_with_pending_items_fails_them_and_finishes_running_batches(
     await asyncio.wait_for(closing, 5)
     assert running.result().values == [-10.0]
     with pytest.raises(ShuttingDown):
-        await batcher.submit(rows(3), later())
+        await batcher.submit(rows(3), within())
 
 
 async def test_full_queue_rejects_at_once() -> None:
     runner = GatedRunner(gated=True)
     batcher = make(runner, max_queue=2)
     blocker = await occupy_slot(batcher, runner)
-    queued = [asyncio.create_task(batcher.submit(rows(v), later())) for v in (1, 2)]
+    queued = [asyncio.create_task(batcher.submit(rows(v), within())) for v in (1, 2)]
     await settle()
     with pytest.raises(QueueFull):
-        await batcher.submit(rows(3), later())
+        await batcher.submit(rows(3), within())
     runner.gate.set()
     await asyncio.wait_for(asyncio.gather(blocker, *queued), 5)
     await batcher.close()
@@ -239,8 +240,8 @@ async def test_deadline_passed_while_queued_is_dropped_before_the_batch_runs() -
     runner = GatedRunner(gated=True)
     batcher = make(runner, max_batch_size=8)
     blocker = await occupy_slot(batcher, runner)
-    doomed = asyncio.create_task(batcher.submit(rows(1), later(0.05)))
-    kept = asyncio.create_task(batcher.submit(rows(2), later()))
+    doomed = asyncio.create_task(batcher.submit(rows(1), within(0.05)))
+    kept = asyncio.create_task(batcher.submit(rows(2), within()))
     with pytest.raises(DeadlineExceeded):
         await asyncio.wait_for(doomed, 5)
     runner.gate.set()
@@ -254,17 +255,17 @@ async def test_deadline_bounds_the_wait_while_the_batch_runs() -> None:
     runner = GatedRunner(gated=True)
     batcher = make(runner)
     with pytest.raises(DeadlineExceeded):
-        await asyncio.wait_for(batcher.submit(rows(1), later(0.1)), 5)
+        await asyncio.wait_for(batcher.submit(rows(1), within(0.1)), 5)
     runner.gate.set()
-    await asyncio.wait_for(batcher.submit(rows(2), later()), 5)
+    await asyncio.wait_for(batcher.submit(rows(2), within()), 5)
     await batcher.close()
 
 
 async def test_earlier_deadline_behind_a_later_one_still_expires_on_time() -> None:
     runner = GatedRunner(gated=True)
     batcher = make(runner, max_batch_size=8)
-    patient = asyncio.create_task(batcher.submit(rows(1), later(30)))
-    hasty = asyncio.create_task(batcher.submit(rows(2), later(0.1)))
+    patient = asyncio.create_task(batcher.submit(rows(1), within(30)))
+    hasty = asyncio.create_task(batcher.submit(rows(2), within(0.1)))
     with pytest.raises(DeadlineExceeded):
         await asyncio.wait_for(hasty, 2)
     runner.gate.set()
@@ -277,7 +278,7 @@ async def test_batches_grow_with_load_and_each_caller_gets_its_own_row() -> None
     batcher = make(runner, max_batch_size=64, max_inflight=2)
 
     async def client(offset: int) -> list[float]:
-        return [(await batcher.submit(rows(offset * 100 + i), later())).values[0] for i in range(20)]
+        return [(await batcher.submit(rows(offset * 100 + i), within())).values[0] for i in range(20)]
 
     answers = await asyncio.wait_for(asyncio.gather(*(client(c) for c in range(32))), 10)
     assert answers == [[10.0 * (c * 100 + i) for i in range(20)] for c in range(32)]
@@ -300,7 +301,7 @@ async def test_observers_hear_every_batch_and_each_request_once() -> None:
         on_queued=queue_times.append,
     )
     blocker = await occupy_slot(batcher, runner)
-    split = asyncio.create_task(batcher.submit(rows(*range(6)), later()))
+    split = asyncio.create_task(batcher.submit(rows(*range(6)), within()))
     await asyncio.sleep(0.05)
     runner.gate.set()
     await asyncio.wait_for(asyncio.gather(blocker, split), 5)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import math
 from typing import Any
 
@@ -49,8 +48,8 @@ def to_rows(samples: list[list[float]], served: ServedVersion, path: str, single
     return rows if len(served.row_shape) == 1 else rows.reshape(len(samples), *served.row_shape)
 
 
-def deadline(request: web.Request) -> float:
-    """Loop-clock deadline: the server default, lowered (never raised) by the client's header."""
+def timeout(request: web.Request) -> float:
+    """Seconds the request may take: the server default, lowered (never raised) by the client's header."""
     timeout_s = request.app[SETTINGS].request_timeout_ms / 1000.0
     raw = request.headers.get(TIMEOUT_HEADER)
     if raw is not None:
@@ -61,7 +60,7 @@ def deadline(request: web.Request) -> float:
         if not (asked > 0 and math.isfinite(asked)):
             raise BadRequest(f"{TIMEOUT_HEADER} must be a positive number of milliseconds, got {raw!r}")
         timeout_s = min(timeout_s, asked / 1000.0)
-    return asyncio.get_running_loop().time() + timeout_s
+    return timeout_s
 
 
 def respond(body: msgspec.Struct) -> web.Response:
@@ -74,7 +73,7 @@ async def predict(request: web.Request) -> web.Response:
     served = service.resolve(body.model, body.model_version)
     request[SERVED] = served
     rows = to_rows([body.features], served, "$.features", single=True)
-    result = await service.predict(served, rows, deadline(request))
+    result = await service.predict(served, rows, timeout(request))
     return respond(
         schemas.PredictResponse(
             prediction=result.values[0],
@@ -96,7 +95,7 @@ async def predict_batch(request: web.Request) -> web.Response:
     served = service.resolve(body.model, body.model_version)
     request[SERVED] = served
     rows = to_rows(body.samples, served, "$.samples", single=False)
-    result = await service.predict(served, rows, deadline(request))
+    result = await service.predict(served, rows, timeout(request))
     return respond(
         schemas.BatchPredictResponse(
             predictions=result.values,
