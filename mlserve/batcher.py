@@ -103,6 +103,7 @@ class Batcher:
         self._wakeup = asyncio.Event()
         self._slots = asyncio.Semaphore(max_inflight)
         self._running: set[asyncio.Task[None]] = set()
+        self._collecting: list[tuple[_Request, int, int]] = []
         self._in_flight: list[tuple[_Request, ...]] = []
         self._sweep_at = math.inf
         self._sweep: asyncio.TimerHandle | None = None
@@ -150,7 +151,11 @@ class Batcher:
         self._sweep, self._sweep_at = None, math.inf
         now = self._loop.time() + _DEADLINE_SLACK_S
         earliest = math.inf
-        pending = itertools.chain(self._queue, itertools.chain.from_iterable(self._in_flight))
+        pending = itertools.chain(
+            self._queue,
+            (request for request, _, _ in self._collecting),
+            itertools.chain.from_iterable(self._in_flight),
+        )
         for request in pending:
             if request.future.done():
                 continue
@@ -173,12 +178,17 @@ class Batcher:
                 self._slots.release()
                 log.exception("%s: collecting a batch failed", self._name)
                 continue
-            task = self._loop.create_task(self._dispatch(batch))
+            # From here until its dispatch ends the batch is in flight, so the deadline sweep sees it.
+            requests = tuple(request for request, _, _ in batch)
+            self._in_flight.append(requests)
+            self._collecting = []
+            task = self._loop.create_task(self._dispatch(batch, requests))
             self._running.add(task)
             task.add_done_callback(self._running.discard)
 
     async def _next_batch(self) -> list[tuple[_Request, int, int]]:
         entries: list[tuple[_Request, int, int]] = []
+        self._collecting = entries
         size = 0
         while True:
             while not self._queue:
@@ -226,7 +236,7 @@ class Batcher:
             room -= stop - start
         return self._max_batch_size - room
 
-    async def _dispatch(self, entries: list[tuple[_Request, int, int]]) -> None:
+    async def _dispatch(self, entries: list[tuple[_Request, int, int]], requests: tuple[_Request, ...]) -> None:
         try:
             live = [entry for entry in entries if not entry[0].future.done()]
             if not live:
@@ -236,17 +246,10 @@ class Batcher:
             log.exception("%s: a batch failed outside the model", self._name)
             _fail(entries, PredictionFailed(f"batch failed: {type(exc).__name__}: {exc}"))
         finally:
+            self._in_flight.remove(requests)
             self._slots.release()
 
     async def _run(self, entries: list[tuple[_Request, int, int]]) -> None:
-        requests = tuple(request for request, _, _ in entries)
-        self._in_flight.append(requests)
-        try:
-            await self._run_tracked(entries)
-        finally:
-            self._in_flight.remove(requests)
-
-    async def _run_tracked(self, entries: list[tuple[_Request, int, int]]) -> None:
         if len(entries) == 1:
             request, start, stop = entries[0]
             rows = request.rows if stop - start == len(request.rows) else request.rows[start:stop]
@@ -285,8 +288,9 @@ class Batcher:
             self._sweep.cancel()
         self._collector.cancel()
         await asyncio.gather(self._collector, return_exceptions=True)
-        while self._queue:
-            request = self._queue.popleft()
+        unsent = [request for request, _, _ in self._collecting] + list(self._queue)
+        self._queue.clear()
+        for request in unsent:
             if not request.future.done():
                 request.future.set_exception(ShuttingDown("the server shut down before this request ran"))
         if self._running:

@@ -309,3 +309,24 @@ async def test_observers_hear_every_batch_and_each_request_once() -> None:
     assert len(queue_times) == 2, "a request split over two batches is one queued request"
     assert queue_times[1] >= 0.04
     await batcher.close()
+
+
+async def test_deadline_holds_while_a_batch_collects_mates_and_then_runs() -> None:
+    runner = GatedRunner(gated=True)
+    batcher = make(runner, max_batch_size=100, max_delay_ms=10_000)
+    # The batch waits for mates until this request's deadline, then runs and never returns: the
+    # caller must still hear of its deadline, though its request was neither queued nor running
+    # when the deadline passed.
+    with pytest.raises(DeadlineExceeded):
+        await asyncio.wait_for(batcher.submit(rows(1), within(0.1)), 2)
+    runner.gate.set()
+    await batcher.close()
+
+
+async def test_close_while_a_batch_collects_mates_fails_its_requests() -> None:
+    batcher = make(GatedRunner(), max_batch_size=100, max_delay_ms=10_000)
+    waiting = asyncio.create_task(batcher.submit(rows(1), within()))
+    await settle()
+    await batcher.close()
+    with pytest.raises(ShuttingDown):
+        await asyncio.wait_for(waiting, 2)
