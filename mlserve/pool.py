@@ -195,8 +195,10 @@ class WorkerPool:
         # Loads may be broadcast while this worker is starting: keep going until it has them all.
         while missing := [key for key in self._specs if key not in worker.loaded]:
             for key in missing:
-                spec, warmup_rows = self._specs[key]
-                await worker.call(next(self._ids), worker_main.OP_LOAD, spec, warmup_rows)
+                entry = self._specs.get(key)
+                if entry is None:
+                    continue  # unloaded meanwhile
+                await worker.call(next(self._ids), worker_main.OP_LOAD, *entry)
                 worker.loaded.add(key)
 
     async def load(self, spec: ModelSpec, warmup_rows: list[int]) -> None:
