@@ -32,8 +32,15 @@ from mlserve.errors import DeadlineExceeded, PredictionFailed, QueueFull, Shutti
 
 log = logging.getLogger(__name__)
 
-RunBatch = Callable[[np.ndarray], Awaitable[tuple[Any, float]]]
-"""Runs a stacked batch and returns ``(outputs with one entry a row, compute seconds)``."""
+Rows = list[Any]
+"""A request's rows, as decoded: the batcher splits and joins lists; it never builds arrays.
+
+Stacking happens once a batch, in ``run_batch``: an array per request cost the front end more than
+the whole batcher (measured under load), and rows need not be numbers (image bytes, say).
+"""
+
+RunBatch = Callable[[Rows], Awaitable[tuple[Any, float]]]
+"""Stacks and runs a batch of rows; returns ``(outputs with one entry a row, compute seconds)``."""
 
 _DEADLINE_SLACK_S = 0.0005
 """A sweep fires at its deadline, never much before; this absorbs the clock's resolution."""
@@ -48,7 +55,7 @@ class BatchResult(NamedTuple):
 class _Request:
     __slots__ = ("rows", "future", "deadline", "arrival", "taken", "parts", "filled", "queue_s", "compute_s")
 
-    def __init__(self, rows: np.ndarray, future: asyncio.Future[BatchResult], deadline: float, arrival: float) -> None:
+    def __init__(self, rows: Rows, future: asyncio.Future[BatchResult], deadline: float, arrival: float) -> None:
         self.rows = rows
         self.future = future
         self.deadline = deadline
@@ -118,7 +125,7 @@ class Batcher:
     def in_flight(self) -> int:
         return len(self._running)
 
-    async def submit(self, rows: np.ndarray, timeout_s: float) -> BatchResult:
+    async def submit(self, rows: Rows, timeout_s: float) -> BatchResult:
         """Queue ``rows`` (already validated) and wait for their outputs, at most ``timeout_s``.
 
         Raises at once when the queue is full or the batcher is closed, rather than making the caller
@@ -254,7 +261,9 @@ class Batcher:
             request, start, stop = entries[0]
             rows = request.rows if stop - start == len(request.rows) else request.rows[start:stop]
         else:
-            rows = np.concatenate([request.rows[start:stop] for request, start, stop in entries])
+            rows = []
+            for request, start, stop in entries:
+                rows += request.rows[start:stop]
         if self._on_batch is not None:
             self._on_batch(len(rows))
         dispatched = self._loop.time()

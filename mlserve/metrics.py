@@ -49,6 +49,20 @@ class Series:
         target.observations = self.observations
 
 
+class RequestRecorder:
+    """Count and duration of requests of one (model, version, endpoint, status)."""
+
+    __slots__ = ("count", "duration")
+
+    def __init__(self, duration: Series) -> None:
+        self.count = 0
+        self.duration = duration
+
+    def record(self, seconds: float) -> None:
+        self.count += 1
+        self.duration.observe(seconds)
+
+
 class _HistogramFamily:
     """A histogram collector and its accumulators, one a label set, each paired with its exported object."""
 
@@ -77,8 +91,7 @@ class Metrics:
         self._requests = Counter(
             "mlserve_requests_total", "Requests answered, by model, version, endpoint and status.", registry=self.registry
         )
-        self._request_counts: dict[tuple[str, str, str, int], int] = {}
-        self._duration_series: dict[tuple[str, str, str], Series] = {}
+        self._recorders: dict[tuple[str, str, str, int], RequestRecorder] = {}
         self.request_duration = self._histogram(
             "mlserve_request_duration_seconds",
             "Time from reading a request to having its answer, by model, version and endpoint.",
@@ -108,22 +121,21 @@ class Metrics:
     def on_scrape(self, refresh: Callable[[Metrics], None]) -> None:
         self._on_scrape.append(refresh)
 
-    def observe_request(self, model: str, version: str, endpoint: str, status: int, seconds: float) -> None:
+    def recorder(self, model: str, version: str, endpoint: str, status: int) -> RequestRecorder:
+        """The recorder of one label set; resolve it once and keep it where the hot path can reach it."""
         key = (model, version, endpoint, status)
-        counts = self._request_counts
-        counts[key] = counts.get(key, 0) + 1
-        series = self._duration_series.get(key[:3])
-        if series is None:
-            series = self.request_duration.get({"model": model, "version": version, "endpoint": endpoint})
-            self._duration_series[key[:3]] = series
-        series.observe(seconds)
+        recorder = self._recorders.get(key)
+        if recorder is None:
+            duration = self.request_duration.get({"model": model, "version": version, "endpoint": endpoint})
+            recorder = self._recorders[key] = RequestRecorder(duration)
+        return recorder
 
     def _export(self) -> None:
         for refresh in self._on_scrape:
             refresh(self)
-        for (model, version, endpoint, status), count in self._request_counts.items():
+        for (model, version, endpoint, status), recorder in self._recorders.items():
             labels = {"model": model, "version": version, "endpoint": endpoint, "status": str(status)}
-            self._requests.set_value(labels, count)
+            self._requests.set_value(labels, recorder.count)
         for family in (self.request_duration, self.queue_duration, self.inference_duration, self.batch_size):
             family.export()
 

@@ -15,8 +15,8 @@ import msgspec
 import numpy as np
 
 from mlserve import repository
-from mlserve.batcher import Batcher, BatchResult
-from mlserve.errors import ModelNotReady, SettingsError
+from mlserve.batcher import Batcher, BatchResult, Rows
+from mlserve.errors import ModelNotReady, PredictionFailed, SettingsError
 from mlserve.metrics import Metrics
 from mlserve.pool import WorkerPool
 from mlserve.repository import ModelSpec
@@ -27,13 +27,24 @@ from mlserve.settings import BatchingSettings, Settings
 log = logging.getLogger(__name__)
 
 State = Literal["loading", "ready", "failed"]
+PREDICTION_ENDPOINTS = ("predict", "predict_batch")
 
 
 class ServedVersion:
     """One (model, version): its spec, effective batching knobs, load state and batcher."""
 
     __slots__ = (
-        "spec", "batching", "state", "error", "batcher", "n_features", "row_shape", "queue_time", "compute_time", "batch_rows"
+        "spec",
+        "batching",
+        "state",
+        "error",
+        "batcher",
+        "n_features",
+        "row_shape",
+        "queue_time",
+        "compute_time",
+        "batch_rows",
+        "answered",
     )
 
     def __init__(self, spec: ModelSpec, batching: BatchingSettings, metrics: Metrics) -> None:
@@ -46,6 +57,8 @@ class ServedVersion:
         self.queue_time = metrics.queue_duration.get(labels)
         self.compute_time = metrics.inference_duration.get(labels)
         self.batch_rows = metrics.batch_size.get(labels)
+        self.answered = {e: metrics.recorder(spec.name, spec.version, e, 200) for e in PREDICTION_ENDPOINTS}
+        """Recorders of successful requests, by endpoint, resolved once for the hot path."""
         self.row_shape = tuple(spec.metadata.input_shape)
         self.n_features = int(np.prod(self.row_shape))
 
@@ -121,10 +134,14 @@ class ModelService:
         log.info("loaded %s (%s)", spec.key, spec.metadata.framework)
 
     def _runner(self, served: ServedVersion):  # type: ignore[no-untyped-def]
-        key, pool, compute_time = served.spec.key, self._pool, served.compute_time
+        key, pool, compute_time, shape = served.spec.key, self._pool, served.compute_time, served.row_shape
 
-        async def run_batch(rows: np.ndarray) -> tuple[np.ndarray, float]:
-            outputs, compute_s = await pool.predict(key, rows)
+        async def run_batch(rows: Rows) -> tuple[np.ndarray, float]:
+            try:
+                batch = np.array(rows, dtype=np.float64).reshape(len(rows), *shape)
+            except ValueError as exc:
+                raise PredictionFailed(f"could not stack the batch: {exc}") from None
+            outputs, compute_s = await pool.predict(key, batch)
             compute_time.observe(compute_s)
             return outputs, compute_s
 
@@ -141,7 +158,7 @@ class ModelService:
             raise ModelNotReady(f"{served.spec.key} is {served.state}{detail}", 1 if served.state == "loading" else None)
         return served
 
-    def predict(self, served: ServedVersion, rows: np.ndarray, timeout_s: float) -> Awaitable[BatchResult]:
+    def predict(self, served: ServedVersion, rows: Rows, timeout_s: float) -> Awaitable[BatchResult]:
         """Run validated ``rows`` through the version's batcher, waiting at most ``timeout_s``.
 
         Returns the batcher's awaitable itself: a coroutine layer here would cost every request.

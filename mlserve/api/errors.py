@@ -4,7 +4,7 @@ Every failure leaves as a JSON object with an ``"error"`` string: the core's typ
 own (body over ``client_max_size``), unknown routes and methods, and anything unexpected, which is
 logged with its traceback and answered with a 500 that reveals nothing internal.
 
-Handlers are wrapped one by one with ``guard`` rather than by an aiohttp middleware: a middleware
+Handlers are wrapped one by one with ``guard`` (or ``metered``) rather than by an aiohttp middleware: a middleware
 adds two coroutine layers to every request, which measured 11% of the cheap model's throughput.
 Unknown paths and methods reach ``unmatched``, a catch-all route registered last.
 """
@@ -21,6 +21,7 @@ from aiohttp import web
 
 from mlserve import errors
 from mlserve.api.keys import METRICS, SERVED
+from mlserve.metrics import RequestRecorder
 from mlserve.schemas import ErrorResponse, encoder
 
 log = logging.getLogger(__name__)
@@ -41,6 +42,7 @@ CLIENT_CLOSED_REQUEST = 499
 """Recorded (never sent) for a request whose client hung up before its answer: nginx's convention."""
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+MeteredHandler = Callable[[web.Request], Awaitable[tuple[web.StreamResponse, RequestRecorder]]]
 
 
 def json_error(status: int, message: str, path: str | None = None, headers: dict[str, str] | None = None) -> web.Response:
@@ -71,26 +73,47 @@ def validation_path(exc: msgspec.ValidationError) -> str | None:
     return path.rstrip("`") if marker else None
 
 
-def guard(handler: Handler, endpoint: str | None = None) -> Handler:
-    """Map ``handler``'s errors to JSON responses; for prediction endpoints, record its metrics."""
+def _error_response(request: web.Request, exc: Exception) -> web.Response:
+    if isinstance(exc, errors.MlserveError):
+        return from_error(exc)
+    if isinstance(exc, web.HTTPException):
+        return from_http_exception(exc)
+    log.error("unhandled error on %s %s", request.method, request.path, exc_info=exc)
+    return json_error(500, "internal server error")
+
+
+def guard(handler: Handler) -> Handler:
+    """Map ``handler``'s errors to JSON responses."""
+
+    async def guarded(request: web.Request) -> web.StreamResponse:
+        try:
+            return await handler(request)
+        except Exception as exc:
+            return _error_response(request, exc)
+
+    return guarded
+
+
+def metered(handler: MeteredHandler, endpoint: str) -> Handler:
+    """``guard`` for a prediction endpoint, which also records the request's count and duration.
+
+    On success the handler hands back its version's pre-resolved recorder, so the common path costs
+    a counter increment and a histogram bucket: no label lookups (they measured ~9 us a request).
+    Failures, rarer, take the general path through the app's metrics.
+    """
 
     async def guarded(request: web.Request) -> web.StreamResponse:
         started = time.perf_counter()
         try:
-            response = await handler(request)
-        except errors.MlserveError as exc:
-            response = from_error(exc)
-        except web.HTTPException as exc:
-            response = from_http_exception(exc)
+            response, recorder = await handler(request)
         except asyncio.CancelledError:
-            if endpoint is not None:
-                _observe(request, endpoint, CLIENT_CLOSED_REQUEST, started)
+            _observe(request, endpoint, CLIENT_CLOSED_REQUEST, started)
             raise
-        except Exception:
-            log.exception("unhandled error on %s %s", request.method, request.path)
-            response = json_error(500, "internal server error")
-        if endpoint is not None:
+        except Exception as exc:
+            response = _error_response(request, exc)
             _observe(request, endpoint, response.status, started)
+            return response
+        recorder.record(time.perf_counter() - started)
         return response
 
     return guarded
@@ -99,7 +122,7 @@ def guard(handler: Handler, endpoint: str | None = None) -> Handler:
 def _observe(request: web.Request, endpoint: str, status: int, started: float) -> None:
     served = request.get(SERVED)
     model, version = (served.spec.name, served.spec.version) if served is not None else ("", "")
-    request.app[METRICS].observe_request(model, version, endpoint, status, time.perf_counter() - started)
+    request.app[METRICS].recorder(model, version, endpoint, status).record(time.perf_counter() - started)
 
 
 async def unmatched(request: web.Request) -> web.Response:

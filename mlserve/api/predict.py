@@ -10,9 +10,10 @@ import numpy as np
 from aiohttp import web
 
 from mlserve import schemas
-from mlserve.api.errors import guard, validation_path
+from mlserve.api.errors import metered, validation_path
 from mlserve.api.keys import SERVED, SERVICE, SETTINGS
 from mlserve.errors import BadRequest, PayloadTooLarge, ValidationFailed
+from mlserve.metrics import RequestRecorder
 from mlserve.service import ServedVersion
 
 TIMEOUT_HEADER = "X-Request-Timeout-Ms"
@@ -28,24 +29,26 @@ def decode(decoder: msgspec.json.Decoder[Any], body: bytes) -> Any:
         raise BadRequest(f"malformed JSON: {exc}") from None
 
 
-def to_rows(samples: list[list[float]], served: ServedVersion, path: str, single: bool) -> np.ndarray:
-    """Stack decoded rows into the model's input array, refusing wrong widths and non-finite values.
+def checked_rows(samples: list[list[float]], served: ServedVersion, path: str, single: bool) -> list[list[float]]:
+    """Refuse wrong widths and non-finite values, with the JSON path of the first fault.
 
     JSON has no NaN or infinity literals, but a number like ``1e999`` overflows to infinity. One row is
-    checked in Python (cheaper than numpy for a handful of floats); a batch with numpy.
+    checked in Python (cheaper than numpy for a handful of floats); a batch with numpy. The rows go
+    on as lists: the batch array is built once a batch, not once a request.
     """
     width = served.n_features
     for index, row in enumerate(samples):
         if len(row) != width:
             where = path if single else f"{path}[{index}]"
             raise ValidationFailed(f"expected {width} features, got {len(row)}", where)
-    rows = np.array(samples, dtype=np.float64)
-    finite = all(map(math.isfinite, samples[0])) if single else np.isfinite(rows).all()
-    if not finite:
-        index, column = np.argwhere(~np.isfinite(rows))[0]
-        where = f"{path}[{column}]" if single else f"{path}[{index}][{column}]"
-        raise ValidationFailed("features must be finite numbers (no NaN or infinity)", where)
-    return rows if len(served.row_shape) == 1 else rows.reshape(len(samples), *served.row_shape)
+    if single:
+        if all(map(math.isfinite, samples[0])):
+            return samples
+    elif np.isfinite(np.array(samples, dtype=np.float64)).all():
+        return samples
+    index, column = np.argwhere(~np.isfinite(np.array(samples, dtype=np.float64)))[0]
+    where = f"{path}[{column}]" if single else f"{path}[{index}][{column}]"
+    raise ValidationFailed("features must be finite numbers (no NaN or infinity)", where)
 
 
 def timeout(request: web.Request) -> float:
@@ -67,24 +70,23 @@ def respond(body: msgspec.Struct) -> web.Response:
     return web.Response(body=schemas.encoder.encode(body), content_type=JSON)
 
 
-async def predict(request: web.Request) -> web.Response:
+async def predict(request: web.Request) -> tuple[web.Response, RequestRecorder]:
     body = decode(schemas.predict_decoder, await request.read())
     service = request.app[SERVICE]
     served = service.resolve(body.model, body.model_version)
     request[SERVED] = served
-    rows = to_rows([body.features], served, "$.features", single=True)
+    rows = checked_rows([body.features], served, "$.features", single=True)
     result = await service.predict(served, rows, timeout(request))
-    return respond(
-        schemas.PredictResponse(
-            prediction=result.values[0],
-            model=served.spec.name,
-            model_version=served.spec.version,
-            inference_time_ms=result.compute_s * 1000.0,
-        )
+    answer = schemas.PredictResponse(
+        prediction=result.values[0],
+        model=served.spec.name,
+        model_version=served.spec.version,
+        inference_time_ms=result.compute_s * 1000.0,
     )
+    return respond(answer), served.answered["predict"]
 
 
-async def predict_batch(request: web.Request) -> web.Response:
+async def predict_batch(request: web.Request) -> tuple[web.Response, RequestRecorder]:
     body = decode(schemas.batch_predict_decoder, await request.read())
     limit = request.app[SETTINGS].max_batch_rows
     if not body.samples:
@@ -94,19 +96,18 @@ async def predict_batch(request: web.Request) -> web.Response:
     service = request.app[SERVICE]
     served = service.resolve(body.model, body.model_version)
     request[SERVED] = served
-    rows = to_rows(body.samples, served, "$.samples", single=False)
+    rows = checked_rows(body.samples, served, "$.samples", single=False)
     result = await service.predict(served, rows, timeout(request))
-    return respond(
-        schemas.BatchPredictResponse(
-            predictions=result.values,
-            total=len(result.values),
-            model=served.spec.name,
-            model_version=served.spec.version,
-            inference_time_ms=result.compute_s * 1000.0,
-        )
+    answer = schemas.BatchPredictResponse(
+        predictions=result.values,
+        total=len(result.values),
+        model=served.spec.name,
+        model_version=served.spec.version,
+        inference_time_ms=result.compute_s * 1000.0,
     )
+    return respond(answer), served.answered["predict_batch"]
 
 
 def add_routes(app: web.Application) -> None:
-    app.router.add_post("/predict", guard(predict, "predict"), name="predict")
-    app.router.add_post("/predict/batch", guard(predict_batch, "predict_batch"), name="predict_batch")
+    app.router.add_post("/predict", metered(predict, "predict"), name="predict")
+    app.router.add_post("/predict/batch", metered(predict_batch, "predict_batch"), name="predict_batch")
