@@ -48,12 +48,11 @@ _DEADLINE_SLACK_S = 0.0005
 
 class BatchResult(NamedTuple):
     values: list[Any]
-    queue_s: float
     compute_s: float
 
 
 class _Request:
-    __slots__ = ("rows", "future", "deadline", "arrival", "taken", "parts", "filled", "queue_s", "compute_s")
+    __slots__ = ("rows", "future", "deadline", "arrival", "taken", "parts", "filled", "compute_s")
 
     def __init__(self, rows: Rows, future: asyncio.Future[BatchResult], deadline: float, arrival: float) -> None:
         self.rows = rows
@@ -63,20 +62,17 @@ class _Request:
         self.taken = 0
         self.parts: list[tuple[int, list[Any]]] = []
         self.filled = 0
-        self.queue_s = -1.0
         self.compute_s = 0.0
 
-    def add_part(self, start: int, values: list[Any], queue_s: float, compute_s: float) -> None:
+    def add_part(self, start: int, values: list[Any], compute_s: float) -> None:
         """Collect one slice of a split request; resolve the caller once every row is back."""
-        if self.queue_s < 0:
-            self.queue_s = queue_s
         self.compute_s += compute_s
         self.parts.append((start, values))
         self.filled += len(values)
         if self.filled == len(self.rows) and not self.future.done():
             self.parts.sort(key=lambda part: part[0])
             merged = [value for _, part in self.parts for value in part]
-            self.future.set_result(BatchResult(merged, self.queue_s, self.compute_s))
+            self.future.set_result(BatchResult(merged, self.compute_s))
 
 
 def _expire(future: asyncio.Future[BatchResult]) -> None:
@@ -120,10 +116,6 @@ class Batcher:
     @property
     def queue_depth(self) -> int:
         return len(self._queue)
-
-    @property
-    def in_flight(self) -> int:
-        return len(self._running)
 
     async def submit(self, rows: Rows, timeout_s: float) -> BatchResult:
         """Queue ``rows`` (already validated) and wait for their outputs, at most ``timeout_s``.
@@ -281,14 +273,13 @@ class Batcher:
             count = stop - start
             part = values[position : position + count]
             position += count
-            queue_s = dispatched - request.arrival
             if start == 0 and self._on_queued is not None:
-                self._on_queued(queue_s)
+                self._on_queued(dispatched - request.arrival)
             if count == len(request.rows):
                 if not request.future.done():
-                    request.future.set_result(BatchResult(part, queue_s, compute_s))
+                    request.future.set_result(BatchResult(part, compute_s))
             else:
-                request.add_part(start, part, queue_s, compute_s)
+                request.add_part(start, part, compute_s)
 
     async def close(self, timeout_s: float = 10.0) -> None:
         """Refuse new work, fail what is still queued, and let running batches finish."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from typing import Generic, TypeVar
 
 from mlserve.errors import ModelNotFound, ValidationFailed
@@ -30,6 +31,11 @@ class Router(Generic[T]):
 
     def models(self) -> dict[str, dict[str, T]]:
         return self._versions
+
+    def targets(self) -> Iterator[T]:
+        """Every (model, version)'s target, model by model."""
+        for versions in self._versions.values():
+            yield from versions.values()
 
     def resolve(self, model: str | None, version: str | None) -> T:
         if model is None:

@@ -97,16 +97,11 @@ class ModelService:
     def start_loading(self) -> None:
         self._loading = asyncio.get_running_loop().create_task(self._load_all())
 
-    async def wait_loaded(self) -> None:
-        if self._loading is not None:
-            await asyncio.shield(self._loading)
-
     async def _load_all(self) -> None:
-        for versions in self._router.models().values():
-            for served in versions.values():
-                await self._load(served)
-        states = [s.state for v in self._router.models().values() for s in v.values()]
-        if all(state == "ready" for state in states):
+        for served in self._router.targets():
+            await self._load(served)
+        states = [served.state for served in self._router.targets()]
+        if self.ready:
             log.info("ready: %d model version(s) loaded and warm on %d worker(s)", len(states), self._pool.size)
         else:
             log.error("%d of %d model version(s) failed to load", states.count("failed"), len(states))
@@ -149,7 +144,7 @@ class ModelService:
 
     @property
     def ready(self) -> bool:
-        return all(s.state == "ready" for v in self._router.models().values() for s in v.values())
+        return all(served.state == "ready" for served in self._router.targets())
 
     def resolve(self, model: str | None, version: str | None) -> ServedVersion:
         served = self._router.resolve(model, version)
@@ -193,14 +188,13 @@ class ModelService:
         return ModelsResponse(models=models)
 
     def states(self) -> dict[str, str]:
-        return {s.spec.key: s.state for v in self._router.models().values() for s in v.values()}
+        return {served.spec.key: served.state for served in self._router.targets()}
 
     def _refresh_gauges(self, metrics: Metrics) -> None:
-        for versions in self._router.models().values():
-            for served in versions.values():
-                if served.batcher is not None:
-                    labels = {"model": served.spec.name, "version": served.spec.version}
-                    metrics.queue_depth.set(labels, served.batcher.queue_depth)
+        for served in self._router.targets():
+            if served.batcher is not None:
+                labels = {"model": served.spec.name, "version": served.spec.version}
+                metrics.queue_depth.set(labels, served.batcher.queue_depth)
         metrics.workers_live.set({}, self._pool.live_workers)
         metrics.worker_restarts.set({}, self._pool.restart_count)
 
@@ -208,5 +202,5 @@ class ModelService:
         if self._loading is not None and not self._loading.done():
             self._loading.cancel()
             await asyncio.gather(self._loading, return_exceptions=True)
-        batchers = [s.batcher for v in self._router.models().values() for s in v.values() if s.batcher]
+        batchers = [served.batcher for served in self._router.targets() if served.batcher]
         await asyncio.gather(*(b.close(timeout_s) for b in batchers))

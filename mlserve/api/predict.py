@@ -41,12 +41,12 @@ def checked_rows(samples: list[list[float]], served: ServedVersion, path: str, s
         if len(row) != width:
             where = path if single else f"{path}[{index}]"
             raise ValidationFailed(f"expected {width} features, got {len(row)}", where)
-    if single:
-        if all(map(math.isfinite, samples[0])):
-            return samples
-    elif np.isfinite(np.array(samples, dtype=np.float64)).all():
+    if single and all(map(math.isfinite, samples[0])):
         return samples
-    index, column = np.argwhere(~np.isfinite(np.array(samples, dtype=np.float64)))[0]
+    faults = np.argwhere(~np.isfinite(np.array(samples, dtype=np.float64)))
+    if not len(faults):
+        return samples
+    index, column = faults[0]
     where = f"{path}[{column}]" if single else f"{path}[{index}][{column}]"
     raise ValidationFailed("features must be finite numbers (no NaN or infinity)", where)
 
