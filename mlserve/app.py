@@ -46,7 +46,7 @@ def create_app(settings: Settings) -> web.Application:
     app = web.Application(client_max_size=settings.max_body_bytes)
     app[SETTINGS] = settings
     app[METRICS] = Metrics()
-    app[POOL] = WorkerPool(settings.worker_count, settings.worker_threads, settings.worker_start_timeout_s)
+    app[POOL] = WorkerPool(settings.worker_count, settings.worker_options, settings.worker_start_timeout_s)
     app[SERVICE] = ModelService(settings, app[POOL], app[METRICS])
     app[SERVICE].discover()
     app.cleanup_ctx.append(_pool_ctx)

@@ -41,9 +41,10 @@ def main(argv: list[str] | None = None) -> int:
             level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr
         )
         if args.command == "models":
-            from mlserve.demo_models import train_iris
+            from mlserve.demo_models import train_digits, train_iris
 
             trained = train_iris(settings.models_dir, force=args.force)
+            trained += train_digits(settings.models_dir, force=args.force)
             print("\n".join(f"trained {key}" for key in trained) or f"demo models already in {settings.models_dir}")
             return 0
         from mlserve.app import run

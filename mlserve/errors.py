@@ -31,6 +31,10 @@ class PayloadTooLarge(MlserveError):
     """A body or a batch is over its configured limit."""
 
 
+class UnsupportedMediaType(MlserveError):
+    """The body is of a type or an image format the server does not take."""
+
+
 class ModelNotFound(MlserveError):
     """No such model or version in the repository."""
 

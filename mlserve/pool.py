@@ -21,6 +21,7 @@ import numpy as np
 from mlserve import worker as worker_main
 from mlserve.errors import PredictionFailed, WorkerUnavailable
 from mlserve.repository import ModelSpec
+from mlserve.settings import WorkerOptions
 
 log = logging.getLogger(__name__)
 
@@ -67,9 +68,9 @@ class _Worker:
 
 
 class WorkerPool:
-    def __init__(self, size: int, threads: int = 1, start_timeout_s: float = 120.0) -> None:
+    def __init__(self, size: int, options: WorkerOptions | None = None, start_timeout_s: float = 120.0) -> None:
         self.size = size
-        self._threads = threads
+        self._options = options or WorkerOptions()
         self._start_timeout_s = start_timeout_s
         self._context = multiprocessing.get_context("spawn")
         self._workers: dict[int, _Worker] = {}
@@ -101,7 +102,7 @@ class WorkerPool:
         parent_sock, child_sock = socket.socketpair()
         process = self._context.Process(
             target=worker_main.main,
-            args=(child_sock, self._threads),
+            args=(child_sock, self._options),
             name=f"mlserve-worker-{index}",
             daemon=True,
         )
@@ -225,7 +226,7 @@ class WorkerPool:
         for w in workers:
             w.loaded.discard(key)
 
-    async def predict(self, key: str, rows: np.ndarray) -> tuple[np.ndarray, float]:
+    async def predict(self, key: str, rows: np.ndarray | list[bytes]) -> tuple[Any, float]:
         """Run one batch; a worker that dies under it costs one retry on another worker."""
         for _ in range(2):
             worker = self._pick(key)

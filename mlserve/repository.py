@@ -11,6 +11,7 @@ import os
 import re
 import tempfile
 import tomllib
+from collections.abc import Mapping
 from pathlib import Path
 
 import msgspec
@@ -95,19 +96,32 @@ def _toml_value(value: object) -> str:
     return json.dumps(value)
 
 
-def write_version(models_dir: str | Path, metadata: ModelMetadata, artifact: bytes) -> Path:
-    """Publish a version atomically: readers see either no version directory or a complete one."""
+def _toml(metadata: ModelMetadata) -> str:
+    """``model.toml`` text: plain fields first, then one table a nested field (``[batching]``, ``[image]``)."""
+    fields = {key: value for key, value in msgspec.to_builtins(metadata).items() if value is not None}
+    tables = {key: fields.pop(key) for key in list(fields) if isinstance(fields[key], dict)}
+    lines = [f"{key} = {_toml_value(value)}" for key, value in fields.items()]
+    for table, values in tables.items():
+        if values:
+            lines.append(f"\n[{table}]")
+            lines += [f"{key} = {_toml_value(value)}" for key, value in values.items()]
+    return "\n".join(lines) + "\n"
+
+
+def write_version(models_dir: str | Path, metadata: ModelMetadata, files: Mapping[str, bytes]) -> Path:
+    """Publish a version atomically: readers see either no version directory or a complete one.
+
+    ``files`` maps file names to contents and must hold the artifact ``metadata`` names.
+    """
+    if metadata.artifact not in files:
+        raise RepositoryError(f"the files of {metadata.name}/{metadata.version} lack its artifact {metadata.artifact}")
     target = Path(models_dir) / metadata.name / metadata.version
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{metadata.version}-", dir=target.parent))
-    (staging / metadata.artifact).write_bytes(artifact)
-    fields = msgspec.structs.asdict(metadata)
-    batching = fields.pop("batching")
-    lines = [f"{key} = {_toml_value(value)}" for key, value in fields.items() if value is not None]
-    if batching:
-        lines.append("\n[batching]")
-        lines += [f"{key} = {_toml_value(value)}" for key, value in batching.items()]
-    (staging / METADATA_FILE).write_text("\n".join(lines) + "\n")
+    staging.chmod(0o755)  # mkdtemp's 0700 would hide the version from a server running as another user
+    for name, content in files.items():
+        (staging / name).write_bytes(content)
+    (staging / METADATA_FILE).write_text(_toml(metadata))
     if target.exists():
         retired = target.with_name(f".{target.name}-old-{os.getpid()}")
         target.rename(retired)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Generic, TypeVar
 
 from mlserve.errors import ModelNotFound, ValidationFailed
@@ -37,13 +37,11 @@ class Router(Generic[T]):
         for versions in self._versions.values():
             yield from versions.values()
 
-    def resolve(self, model: str | None, version: str | None) -> T:
+    def resolve(self, model: str | None, version: str | None, fits: Callable[[T], bool] | None = None) -> T:
+        """The target asked for. Without a model: the configured default, else the one model there is
+        (counting only those whose active version ``fits``, so each endpoint finds its own kind)."""
         if model is None:
-            model = self._default_model
-            if model is None:
-                if len(self._versions) != 1:
-                    raise ValidationFailed("`model` is required: this server serves several models", "$.model")
-                model = next(iter(self._versions))
+            model = self._default_model or self._only_model(fits)
         versions = self._versions.get(model)
         if versions is None:
             raise ModelNotFound(f"unknown model {model!r}")
@@ -55,3 +53,13 @@ class Router(Generic[T]):
         if target is None:
             raise ModelNotFound(f"model {model!r} has no version {version!r}; it has {', '.join(versions)}")
         return target
+
+    def _only_model(self, fits: Callable[[T], bool] | None) -> str:
+        names = [
+            name
+            for name, versions in self._versions.items()
+            if fits is None or (name in self._active and fits(versions[self._active[name]]))
+        ]
+        if len(names) != 1:
+            raise ValidationFailed("`model` is required: this server serves several models", "$.model")
+        return names[0]

@@ -39,13 +39,40 @@ class BatchPredictResponse(msgspec.Struct):
     inference_time_ms: float
 
 
+class ImageResponse(msgspec.Struct):
+    class_: int = msgspec.field(name="class")
+    confidence: float
+    probabilities: list[float]
+    model: str
+    model_version: str
+    inference_time_ms: float
+
+
 class ErrorResponse(msgspec.Struct, omit_defaults=True):
     error: str
     path: str | None = None
 
 
+class ImageInput(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
+    """``[image]`` in ``model.toml``: the model classifies images, decoded and transformed in the worker.
+
+    The worker resizes each image to ``size`` (height, width), turns it into an RGB tensor in [0, 1],
+    normalizes it with ``mean`` and ``std``, and applies a softmax to the outputs when ``logits``.
+    """
+
+    size: list[int]
+    mean: list[float] = msgspec.field(default_factory=lambda: [0.5, 0.5, 0.5])
+    std: list[float] = msgspec.field(default_factory=lambda: [0.5, 0.5, 0.5])
+    logits: bool = True
+
+
 class ModelMetadata(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
-    """The contents of ``models/NAME/VERSION/model.toml``."""
+    """The contents of ``models/NAME/VERSION/model.toml``.
+
+    ``module_class`` (``package.module:Class``) marks a torch ``state_dict`` artifact: the class is
+    imported and built with no arguments, then given the weights. Without it, a torch artifact is
+    TorchScript.
+    """
 
     name: str
     version: str
@@ -57,6 +84,8 @@ class ModelMetadata(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     class_labels: list[str] = []
     description: str = ""
     batching: dict[str, float] = {}
+    module_class: str = ""
+    image: ImageInput | None = None
 
 
 class ModelVersionInfo(msgspec.Struct):
@@ -71,6 +100,7 @@ class ModelVersionInfo(msgspec.Struct):
     class_labels: list[str]
     description: str
     batching: dict[str, Any]
+    inputs: str
     error: str | None = None
 
 

@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Awaitable
-from typing import Literal
+from collections.abc import Awaitable, Callable
+from typing import Any, Literal
 
 import msgspec
 import numpy as np
@@ -27,7 +27,7 @@ from mlserve.settings import BatchingSettings, Settings
 log = logging.getLogger(__name__)
 
 State = Literal["loading", "ready", "failed"]
-PREDICTION_ENDPOINTS = ("predict", "predict_batch")
+PREDICTION_ENDPOINTS = ("predict", "predict_batch", "predict_image")
 
 
 class ServedVersion:
@@ -41,6 +41,7 @@ class ServedVersion:
         "batcher",
         "n_features",
         "row_shape",
+        "takes_images",
         "queue_time",
         "compute_time",
         "batch_rows",
@@ -61,6 +62,30 @@ class ServedVersion:
         """Recorders of successful requests, by endpoint, resolved once for the hot path."""
         self.row_shape = tuple(spec.metadata.input_shape)
         self.n_features = int(np.prod(self.row_shape))
+        self.takes_images = spec.metadata.image is not None
+        """An image model's rows are encoded images, decoded in the worker; others' are feature rows."""
+
+
+def _takes_images(served: ServedVersion) -> bool:
+    return served.takes_images
+
+
+def _takes_features(served: ServedVersion) -> bool:
+    return not served.takes_images
+
+
+def _unchanged(rows: Rows) -> Rows:
+    return rows
+
+
+def _stacker(shape: tuple[int, ...]) -> Callable[[Rows], np.ndarray]:
+    def stack(rows: Rows) -> np.ndarray:
+        try:
+            return np.array(rows, dtype=np.float64).reshape(len(rows), *shape)
+        except ValueError as exc:
+            raise PredictionFailed(f"could not stack the batch: {exc}") from None
+
+    return stack
 
 
 class ModelService:
@@ -129,14 +154,12 @@ class ModelService:
         log.info("loaded %s (%s)", spec.key, spec.metadata.framework)
 
     def _runner(self, served: ServedVersion):  # type: ignore[no-untyped-def]
-        key, pool, compute_time, shape = served.spec.key, self._pool, served.compute_time, served.row_shape
+        key, pool, compute_time = served.spec.key, self._pool, served.compute_time
+        # An image model's rows are encoded images that its worker decodes; feature rows stack here.
+        prepare = _unchanged if served.takes_images else _stacker(served.row_shape)
 
-        async def run_batch(rows: Rows) -> tuple[np.ndarray, float]:
-            try:
-                batch = np.array(rows, dtype=np.float64).reshape(len(rows), *shape)
-            except ValueError as exc:
-                raise PredictionFailed(f"could not stack the batch: {exc}") from None
-            outputs, compute_s = await pool.predict(key, batch)
+        async def run_batch(rows: Rows) -> tuple[Any, float]:
+            outputs, compute_s = await pool.predict(key, prepare(rows))
             compute_time.observe(compute_s)
             return outputs, compute_s
 
@@ -146,8 +169,9 @@ class ModelService:
     def ready(self) -> bool:
         return all(served.state == "ready" for served in self._router.targets())
 
-    def resolve(self, model: str | None, version: str | None) -> ServedVersion:
-        served = self._router.resolve(model, version)
+    def resolve(self, model: str | None, version: str | None, images: bool = False) -> ServedVersion:
+        """The version that answers; without a model, the one model there is of the endpoint's kind."""
+        served = self._router.resolve(model, version, _takes_images if images else _takes_features)
         if served.state != "ready":
             detail = f": {served.error}" if served.error else ""
             raise ModelNotReady(f"{served.spec.key} is {served.state}{detail}", 1 if served.state == "loading" else None)
@@ -180,6 +204,7 @@ class ModelService:
                     class_labels=served.spec.metadata.class_labels,
                     description=served.spec.metadata.description,
                     batching=msgspec.structs.asdict(served.batching),
+                    inputs="image" if served.takes_images else "features",
                     error=served.error,
                 )
                 for version, served in sorted(versions.items(), key=lambda item: repository.version_order(item[0]))

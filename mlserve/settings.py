@@ -15,7 +15,7 @@ from __future__ import annotations
 import os
 import tomllib
 from collections.abc import Mapping
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 import msgspec
 
@@ -26,6 +26,7 @@ ENV_PREFIX = "MLSERVE_"
 PositiveInt = Annotated[int, msgspec.Meta(ge=1)]
 NonNegativeFloat = Annotated[float, msgspec.Meta(ge=0)]
 PositiveFloat = Annotated[float, msgspec.Meta(gt=0)]
+Device = Literal["auto", "cpu", "cuda"]
 
 
 class BatchingSettings(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
@@ -59,6 +60,14 @@ class ModelSettings(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
         _check_batching(self.batching)
 
 
+class WorkerOptions(msgspec.Struct, frozen=True):
+    """The part of the settings a worker process needs; sent to it once, when it is spawned."""
+
+    threads: int = 1
+    device: Device = "auto"
+    max_image_pixels: int = 4096 * 4096
+
+
 class Settings(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     host: str = "127.0.0.1"
     port: Annotated[int, msgspec.Meta(ge=0, le=65535)] = 8080
@@ -68,11 +77,17 @@ class Settings(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     worker_threads: PositiveInt = 1
     """Threads each worker gives torch/BLAS/OpenMP, so N workers never oversubscribe the cores."""
     worker_start_timeout_s: PositiveFloat = 120.0
+    device: Device = "auto"
+    """Where torch models run: ``auto`` takes a CUDA device when one is present, else the CPU."""
     default_model: str | None = None
     request_timeout_ms: PositiveFloat = 10_000.0
     max_body_bytes: PositiveInt = 1 << 20
     max_batch_rows: PositiveInt = 1024
     """Rows one ``/predict/batch`` request may carry (413 beyond)."""
+    max_image_bytes: PositiveInt = 10 << 20
+    """Bytes of one uploaded image (413 beyond, refused before the body is read in full)."""
+    max_image_pixels: PositiveInt = 4096 * 4096
+    """Pixels of one image, checked from its header before it is decoded (decompression bombs: 413)."""
     shutdown_timeout_s: PositiveFloat = 30.0
     """How long SIGTERM waits for in-flight requests (aiohttp would read 0 as "wait forever")."""
     log_level: str = "INFO"
@@ -88,6 +103,10 @@ class Settings(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     @property
     def worker_count(self) -> int:
         return self.workers or os.cpu_count() or 1
+
+    @property
+    def worker_options(self) -> WorkerOptions:
+        return WorkerOptions(threads=self.worker_threads, device=self.device, max_image_pixels=self.max_image_pixels)
 
     def batching_for(self, model: str, declared: Mapping[str, Any]) -> BatchingSettings:
         """Merge the server defaults, the model's declared knobs and the operator's overrides."""

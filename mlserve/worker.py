@@ -15,7 +15,14 @@ import signal
 import socket
 import struct
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+from mlserve.settings import WorkerOptions
+
+if TYPE_CHECKING:
+    from mlserve.images import ImageClassifier
+    from mlserve.repository import ModelSpec
+    from mlserve.runtimes import Runtime
 
 HEADER = struct.Struct("!Q")
 OP_LOAD = 1
@@ -72,26 +79,39 @@ def _limit_threads(threads: int) -> None:
     threadpool_limits(threads)
 
 
+def _warmup_input(spec: ModelSpec, rows: int) -> Any:
+    if spec.metadata.image is not None:
+        from mlserve.images import blank_png
+
+        return [blank_png(spec.metadata.image.size)] * rows
+    import numpy as np
+
+    return np.zeros((rows, *spec.metadata.input_shape))
+
+
 class _Models:
     """The worker's model table; loading warms a model so the first real request is not slow."""
 
-    def __init__(self, threads: int) -> None:
-        self._threads = threads
-        self._table: dict[str, Any] = {}
+    def __init__(self, options: WorkerOptions) -> None:
+        self._options = options
+        self._table: dict[str, Runtime | ImageClassifier] = {}
+        """Each entry predicts a batch: an array of rows, or a list of image bytes for image models."""
 
-    def load(self, spec: Any, warmup_rows: list[int]) -> None:
-        import numpy as np
-
+    def load(self, spec: ModelSpec, warmup_rows: list[int]) -> None:
         from mlserve import runtimes
 
-        runtime = runtimes.load(spec)
-        _limit_threads(self._threads)
-        shape = tuple(spec.metadata.input_shape)
+        runtime = runtimes.load(spec, self._options)
+        _limit_threads(self._options.threads)
+        model: Runtime | ImageClassifier = runtime
+        if spec.metadata.image is not None:
+            from mlserve.images import ImageClassifier
+
+            model = ImageClassifier(runtime, spec.metadata.image, self._options.max_image_pixels)
         for rows in warmup_rows:
-            outputs = runtime.predict(np.zeros((rows, *shape)))
+            outputs = model.predict(_warmup_input(spec, rows))  # type: ignore[arg-type]
             if len(outputs) != rows:
                 raise ValueError(f"warm-up batch of {rows} rows gave {len(outputs)} outputs")
-        self._table[spec.key] = runtime
+        self._table[spec.key] = model
 
     def unload(self, key: str) -> None:
         self._table.pop(key, None)
@@ -114,12 +134,12 @@ def _handle(models: _Models, message: tuple[Any, ...]) -> tuple[Any, ...]:
     return (request_id, STATUS_OK, result, time.perf_counter() - started)
 
 
-def main(sock: socket.socket, threads: int) -> None:
+def main(sock: socket.socket, options: WorkerOptions) -> None:
     """Serve requests until the parent closes the socket."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    _limit_threads(threads)
-    models = _Models(threads)
+    _limit_threads(options.threads)
+    models = _Models(options)
     send_frame(sock, encode((HELLO_ID, STATUS_OK, os.getpid(), 0.0)))
     while True:
         try:

@@ -30,6 +30,7 @@ STATUS: dict[type[errors.MlserveError], int] = {
     errors.BadRequest: 400,
     errors.ModelNotFound: 404,
     errors.PayloadTooLarge: 413,
+    errors.UnsupportedMediaType: 415,
     errors.ValidationFailed: 422,
     errors.PredictionFailed: 500,
     errors.ModelNotReady: 503,

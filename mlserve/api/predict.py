@@ -1,4 +1,5 @@
-"""The JSON prediction API: ``POST /predict`` (one row) and ``POST /predict/batch`` (many rows)."""
+"""The prediction API: ``POST /predict`` (one row), ``POST /predict/batch`` (many rows) and
+``POST /predict/image`` (one image, for models that take images)."""
 
 from __future__ import annotations
 
@@ -12,12 +13,14 @@ from aiohttp import web
 from mlserve import schemas
 from mlserve.api.errors import metered, validation_path
 from mlserve.api.keys import SERVED, SERVICE, SETTINGS
-from mlserve.errors import BadRequest, PayloadTooLarge, ValidationFailed
+from mlserve.api.uploads import read_image
+from mlserve.errors import BadRequest, MlserveError, PayloadTooLarge, ValidationFailed
 from mlserve.metrics import RequestRecorder
 from mlserve.service import ServedVersion
 
 TIMEOUT_HEADER = "X-Request-Timeout-Ms"
 JSON = "application/json"
+IMAGE_QUERY = {"model", "model_version"}
 
 
 def decode(decoder: msgspec.json.Decoder[Any], body: bytes) -> Any:
@@ -36,6 +39,8 @@ def checked_rows(samples: list[list[float]], served: ServedVersion, path: str, s
     checked in Python (cheaper than numpy for a handful of floats); a batch with numpy. The rows go
     on as lists: the batch array is built once a batch, not once a request.
     """
+    if served.takes_images:
+        raise ValidationFailed(f"{served.spec.key} takes images: POST them to /predict/image", "$.model")
     width = served.n_features
     for index, row in enumerate(samples):
         if len(row) != width:
@@ -108,6 +113,34 @@ async def predict_batch(request: web.Request) -> tuple[web.Response, RequestReco
     return respond(answer), served.answered["predict_batch"]
 
 
+async def predict_image(request: web.Request) -> tuple[web.Response, RequestRecorder]:
+    query = request.query
+    unknown = sorted(set(query) - IMAGE_QUERY)
+    if unknown:
+        raise ValidationFailed(f"unknown query parameter {unknown[0]!r}; known: model, model_version", unknown[0])
+    service = request.app[SERVICE]
+    served = service.resolve(query.get("model"), query.get("model_version"), images=True)
+    request[SERVED] = served
+    if not served.takes_images:
+        raise ValidationFailed(f"{served.spec.key} takes feature rows, not images: POST them to /predict", "model")
+    image = await read_image(request, request.app[SETTINGS].max_image_bytes)
+    result = await service.predict(served, [image], timeout(request))
+    answer = result.values[0]
+    if isinstance(answer, MlserveError):
+        raise answer  # this image's own fault, found by the worker that decoded it
+    best, confidence, probabilities = answer
+    response = schemas.ImageResponse(
+        class_=best,
+        confidence=confidence,
+        probabilities=probabilities,
+        model=served.spec.name,
+        model_version=served.spec.version,
+        inference_time_ms=result.compute_s * 1000.0,
+    )
+    return respond(response), served.answered["predict_image"]
+
+
 def add_routes(app: web.Application) -> None:
     app.router.add_post("/predict", metered(predict, "predict"), name="predict")
     app.router.add_post("/predict/batch", metered(predict_batch, "predict_batch"), name="predict_batch")
+    app.router.add_post("/predict/image", metered(predict_image, "predict_image"), name="predict_image")

@@ -12,18 +12,19 @@ from typing import Protocol
 import numpy as np
 
 from mlserve.repository import ModelSpec
+from mlserve.settings import WorkerOptions
 
-FRAMEWORKS = {"sklearn": "mlserve.runtimes.sklearn"}
+FRAMEWORKS = {"sklearn": "mlserve.runtimes.sklearn", "torch": "mlserve.runtimes.torch"}
 
 
 class Runtime(Protocol):
     def predict(self, batch: np.ndarray) -> np.ndarray: ...
 
 
-def load(spec: ModelSpec) -> Runtime:
+def load(spec: ModelSpec, options: WorkerOptions) -> Runtime:
     module_name = FRAMEWORKS.get(spec.metadata.framework)
     if module_name is None:
         raise ValueError(
             f"unknown framework {spec.metadata.framework!r}; known: {', '.join(sorted(FRAMEWORKS))}"
         )
-    return importlib.import_module(module_name).load(spec)
+    return importlib.import_module(module_name).load(spec, options)

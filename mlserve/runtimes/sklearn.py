@@ -12,6 +12,7 @@ import numpy as np
 from mlserve import repository
 from mlserve.repository import ModelSpec
 from mlserve.schemas import ModelMetadata
+from mlserve.settings import WorkerOptions
 
 ARTIFACT = "model.joblib"
 
@@ -24,7 +25,7 @@ class SklearnRuntime:
         return np.asarray(self._predict(batch))
 
 
-def load(spec: ModelSpec) -> SklearnRuntime:
+def load(spec: ModelSpec, options: WorkerOptions) -> SklearnRuntime:
     estimator = joblib.load(spec.artifact_path)
     if not callable(getattr(estimator, "predict", None)):
         raise TypeError(f"{spec.artifact_path} holds a {type(estimator).__name__}, which has no predict")
@@ -36,4 +37,4 @@ def save(models_dir: str | Path, estimator: object, name: str, version: str, **m
     artifact = io.BytesIO()
     joblib.dump(estimator, artifact)
     spec = ModelMetadata(name=name, version=version, framework="sklearn", artifact=ARTIFACT, **metadata)
-    return repository.write_version(models_dir, spec, artifact.getvalue())
+    return repository.write_version(models_dir, spec, {ARTIFACT: artifact.getvalue()})
