@@ -6,6 +6,7 @@ settings it sets through the environment are real settings.
 
 from __future__ import annotations
 
+import re
 import shlex
 import tomllib
 from pathlib import Path
@@ -43,3 +44,12 @@ def test_environment_is_valid_settings() -> None:
             env.update(part.split("=", 1) for part in shlex.split(args))
     settings = load_settings(env={k: v for k, v in env.items() if k.startswith("MLSERVE_")})
     assert (settings.host, settings.port) == ("0.0.0.0", 8080)
+
+
+def test_torch_pins_match_the_project() -> None:
+    """torch is installed first from its CPU index; its pins must be the project's, or pip reinstalls."""
+    text = (ROOT / "Dockerfile").read_text()
+    dependencies = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
+    for package in ("torch", "torchvision"):
+        pinned = next(d for d in dependencies if re.match(rf"{package}\s*==", d))
+        assert re.search(rf"\b{package}=={re.escape(pinned.split('==')[1].strip())}\b", text), package
