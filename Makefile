@@ -4,8 +4,9 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 MODELS_DIR ?= models
+PEERS := .venv-peers
 
-.PHONY: install models serve test bench clean
+.PHONY: install models serve test bench bench-peers clean
 
 install: $(STAMP)
 
@@ -27,5 +28,15 @@ test: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/python -m benchmarks
 
+# MLServer 1.7.1 in a venv of its own, with our scikit-learn so it unpickles the same models.
+$(PEERS)/.installed: $(STAMP)
+	test -x $(PEERS)/bin/python || $(PYTHON) -m venv $(PEERS)
+	$(PEERS)/bin/python -m pip install --quiet mlserver==1.7.1 mlserver-sklearn==1.7.1 uvloop==0.21.0 \
+		scikit-learn==$$($(BIN)/python -c 'import sklearn; print(sklearn.__version__)')
+	touch $@
+
+bench-peers: $(PEERS)/.installed
+	$(BIN)/python -m benchmarks --peers
+
 clean:
-	rm -rf $(VENV) build *.egg-info
+	rm -rf $(VENV) $(PEERS) build *.egg-info

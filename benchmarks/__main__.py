@@ -12,7 +12,7 @@ import os
 import sys
 from pathlib import Path
 
-from benchmarks import scenarios, servers
+from benchmarks import peers, scenarios, servers
 from benchmarks.runner import Plan, run
 from benchmarks.wrk_runner import wrk_available
 
@@ -30,6 +30,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--scenarios", default=None,
                         help="comma-separated names or globs from: "
                         + ", ".join(s.name for s in scenarios.CATALOGUE) + " (default: all)")
+    parser.add_argument("--peers", action="store_true",
+                        help="compare with MLServer " + peers.VERSION + " (run `make bench-peers` once "
+                        "to make its venv): floor, v1-on and v2-on beside the peer scenarios")
     parser.add_argument("--concurrency", default=None,
                         help="comma-separated closed-loop connection counts (default: "
                         + ",".join(map(str, scenarios.DEFAULT_CONCURRENCY)) + ")")
@@ -57,7 +60,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        chosen = scenarios.select(args.scenarios)
+        chosen = scenarios.select(args.scenarios, peers=args.peers)
         concurrency = scenarios.parse_concurrency(args.concurrency)
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)
@@ -82,12 +85,18 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if args.mlserve:
         notes.append(f"mlserve command overridden: {args.mlserve}")
+    peer_cmd = peers.command()
+    if peer_cmd is None and any(s.kind == "mlserver" for s in chosen):
+        print(f"error: MLServer is not installed in {peers.VENV}; run `make bench-peers`",
+              file=sys.stderr)
+        return 2
 
     timing = scenarios.Timing.default(args.quick)
     timing = scenarios.Timing(
         duration_s=args.duration if args.duration is not None else timing.duration_s,
         warmup_s=args.warmup if args.warmup is not None else timing.warmup_s,
         offline_s=timing.offline_s,
+        open_loop_s=timing.open_loop_s,
     )
     run_offline = not args.no_offline and (mlserve_cmd is not None or args.models_dir is not None)
     plan = Plan(
@@ -102,6 +111,7 @@ def main(argv: list[str] | None = None) -> int:
         models_dir=args.models_dir,
         mlserve_cmd=mlserve_cmd,
         run_offline=run_offline,
+        peer_cmd=peer_cmd,
         notes=notes,
     )
     est = scenarios.estimate_seconds(chosen, concurrency, timing, run_offline)

@@ -12,8 +12,13 @@ from typing import Any
 Point = dict[str, Any]
 
 
+def closed(points: list[Point]) -> list[Point]:
+    """The closed-loop points (wrk at a fixed number of connections)."""
+    return [p for p in points if p.get("loop", "closed") == "closed"]
+
+
 def _find(points: list[Point], scenario: str, concurrency: int) -> Point | None:
-    for point in points:
+    for point in closed(points):
         if point["scenario"] == scenario and point["concurrency"] == concurrency:
             return point if point.get("rps") is not None else None
     return None
@@ -25,9 +30,9 @@ def _div(num: float | None, den: float | None) -> float | None:
     return num / den
 
 
-def offline_b32(offline: dict[str, Any], version: str) -> float | None:
-    """Offline batch-32 rows/s for ``version``, or None if not measured."""
-    entry = offline.get("versions", {}).get(version, {})
+def offline_b32(offline: dict[str, Any], key: str) -> float | None:
+    """Offline batch-32 rows/s for ``model:version``, or None if not measured."""
+    entry = offline.get("models", {}).get(key, {})
     return entry.get("batch_32", {}).get("rows_per_s")
 
 
@@ -37,17 +42,22 @@ def add_ratios(points: list[Point], offline: dict[str, Any]) -> None:
     * ``vs_floor``: served req/s / floor req/s at the same concurrency.
     * ``on_off``: batching-on req/s / batching-off req/s (on rows only).
     * ``vs_offline_b32``: served rows/s / offline batch-32 rows/s (1 row/request).
+    * ``vs_peer``: mlserve's batching-on req/s / MLServer's on the same model, when it ran.
     """
-    for point in points:
-        ratios: dict[str, float | None] = {"vs_floor": None, "on_off": None, "vs_offline_b32": None}
-        if point.get("rps") is not None and point["kind"] == "mlserve":
+    for point in closed(points):
+        ratios: dict[str, float | None] = {"vs_floor": None, "on_off": None, "vs_offline_b32": None,
+                                           "vs_peer": None}
+        if point.get("rps") is not None and point["kind"] != "floor":
             c = point["concurrency"]
             floor = _find(points, "floor", c)
             ratios["vs_floor"] = _div(point["rps"], floor["rps"] if floor else None)
-            if point["batching"]:
-                off = _find(points, f"{point['version']}-off", c)
+            if point["batching"] and point["kind"] == "mlserve":
+                off = _find(points, point["scenario"].removesuffix("-on") + "-off", c)
                 ratios["on_off"] = _div(point["rps"], off["rps"] if off else None)
-            ratios["vs_offline_b32"] = _div(point["rps"], offline_b32(offline, point["version"]))
+                peer = _find(points, f"mlserver-{point['version']}", c)
+                ratios["vs_peer"] = _div(point["rps"], peer["rps"] if peer else None)
+            key = f"{point.get('model', 'iris_classifier')}:{point['version']}"
+            ratios["vs_offline_b32"] = _div(point["rps"], offline_b32(offline, key))
         point["ratios"] = {k: (round(v, 4) if v is not None else None) for k, v in ratios.items()}
 
 
@@ -57,11 +67,32 @@ def headline(points: list[Point]) -> dict[str, Any]:
     floor64 = _find(points, "floor", 64)
     v2 = _find(points, "v2-on", 64)
     v2_off = _find(points, "v2-off", 64)
+    image = _find(points, "image-on", 64)
     out: dict[str, Any] = {
         "v1_at_64": None,
         "v2_at_64": None,
+        "image_at_64": None,
         "c1_p50_on_vs_off": {},
+        "vs_peer_at_64": {},
     }
+    for version in ("v1", "v2"):
+        ours, peer = _find(points, f"{version}-on", 64), _find(points, f"mlserver-{version}", 64)
+        if ours and peer:
+            out["vs_peer_at_64"][version] = {
+                "rps": round(ours["rps"], 1),
+                "peer_rps": round(peer["rps"], 1),
+                "ratio": round(ours["rps"] / peer["rps"], 2),
+                "p99_ms": round(ours["p99_ms"], 2),
+                "peer_p99_ms": round(peer["p99_ms"], 2),
+            }
+    if image:
+        ratios = image.get("ratios", {})
+        out["image_at_64"] = {
+            "rps": round(image["rps"], 1),
+            "p99_ms": round(image["p99_ms"], 2),
+            "vs_offline_b32": ratios.get("vs_offline_b32"),
+            "on_off": ratios.get("on_off"),
+        }
     if v1:
         out["v1_at_64"] = {
             "rps": round(v1["rps"], 1),
@@ -76,7 +107,7 @@ def headline(points: list[Point]) -> dict[str, Any]:
             "off_rps": round(v2_off["rps"], 1) if v2_off else None,
             "on_off": round(v2["rps"] / v2_off["rps"], 2) if v2_off else None,
         }
-    for version in ("v1", "v2"):
+    for version in ("v1", "v2", "image"):
         on = _find(points, f"{version}-on", 1)
         off = _find(points, f"{version}-off", 1)
         if on and off:
@@ -107,9 +138,22 @@ def headline_lines(head: dict[str, Any]) -> list[str]:
         lines.append(
             f"v2 (batching on) @ c=64: {v2['rps']:.0f} req/s, p99 {v2['p99_ms']:.1f} ms, {onoff}"
         )
+    image = head.get("image_at_64")
+    if image:
+        ceiling = image["vs_offline_b32"]
+        lines.append(
+            f"image (batching on) @ c=64: {image['rps']:.0f} images/s, p99 {image['p99_ms']:.1f} ms"
+            + (f", {100 * ceiling:.0f}% of one process's offline batch-32 pipeline" if ceiling else "")
+            + (f", {image['on_off']:.2f}x batching off" if image["on_off"] else "")
+        )
     for version, d in head.get("c1_p50_on_vs_off", {}).items():
         lines.append(
             f"{version} @ c=1 p50: batching on {d['on_ms']:.2f} ms vs off {d['off_ms']:.2f} ms "
             f"({d['diff_ms']:+.2f} ms)"
+        )
+    for version, d in head.get("vs_peer_at_64", {}).items():
+        lines.append(
+            f"{version} @ c=64 against MLServer 1.7.1: {d['rps']:.0f} vs {d['peer_rps']:.0f} req/s "
+            f"({d['ratio']:.2f}x), p99 {d['p99_ms']:.1f} vs {d['peer_p99_ms']:.1f} ms"
         )
     return lines

@@ -1,10 +1,12 @@
 """Offline compute ceiling: how many rows/s the model itself can predict.
 
 Why: served throughput means little without knowing what the model costs with
-no HTTP, no JSON and no queueing.  We load the same joblib files the server
-loads, in a plain separate Python process (nothing else imported, no event
-loop), and time ``predict`` at batch 1 and batch 32.  Batch 32 is the ceiling
-a batching server could approach; batch 1 is what an unbatched one pays.
+no HTTP, no JSON and no queueing.  We load the same files the server loads, in
+a plain separate Python process (no event loop) with one thread, as one worker
+has, and time ``predict`` at batch 1 and batch 32.  Batch 32 is the ceiling a
+batching server could approach; batch 1 is what an unbatched one pays.  For
+the image model the timed call is the worker's whole pipeline (PNG decode,
+transforms, CNN) on distinct PNGs; the CNN alone is reported beside it.
 
 Run standalone: ``python -m benchmarks.offline --models-dir DIR [--seconds 2]``
 prints one JSON object.  The harness calls :func:`measure`.
@@ -14,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 import time
@@ -21,8 +24,11 @@ import warnings
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 MODEL = "iris_classifier"
 VERSIONS = ("v1", "v2")
+IMAGES = "image_classifier"
 BATCHES = (1, 32)
 # Iris feature ranges (min, max), same as benchmarks/wrk/predict.lua.
 RANGES = ((4.3, 7.9), (2.0, 4.4), (1.0, 6.9), (0.1, 2.5))
@@ -41,7 +47,7 @@ def _unwrap(obj: Any) -> Any:
 
 def time_predict(model: Any, batch: int, seconds: float, pool: Any) -> dict[str, float]:
     """Call ``predict`` on fresh slices of ``pool`` for ~``seconds``; return rates."""
-    n_rows = pool.shape[0]
+    n_rows = len(pool)
     for i in range(3):  # warm-up: first calls pay lazy init / thread-pool spin-up
         model.predict(pool[i * batch % (n_rows - batch) :][:batch])
     calls = 0
@@ -68,18 +74,18 @@ def time_predict(model: Any, batch: int, seconds: float, pool: Any) -> dict[str,
 def run(models_dir: Path, seconds: float) -> dict[str, Any]:
     """Measure every version found in ``models_dir``; missing ones are reported."""
     import joblib
-    import numpy as np
 
     rng = np.random.default_rng(1234)
     lo = np.array([r[0] for r in RANGES])
     hi = np.array([r[1] for r in RANGES])
     pool = np.round(lo + (hi - lo) * rng.random((4096, 4)), 3)
 
-    result: dict[str, Any] = {"model": MODEL, "seconds_per_point": seconds, "versions": {}}
+    result: dict[str, Any] = {"seconds_per_point": seconds, "threads": 1, "models": {}}
     for version in VERSIONS:
+        key = f"{MODEL}:{version}"
         path = models_dir / MODEL / version / "model.joblib"
         if not path.exists():
-            result["versions"][version] = {"error": f"missing {path}"}
+            result["models"][key] = {"error": f"missing {path}"}
             continue
         t0 = time.perf_counter()
         model = _unwrap(joblib.load(path))
@@ -92,8 +98,36 @@ def run(models_dir: Path, seconds: float) -> dict[str, Any]:
             warnings.simplefilter("ignore")  # feature-name warnings etc. are noise here
             for batch in BATCHES:
                 entry[f"batch_{batch}"] = time_predict(model, batch, seconds, pool)
-        result["versions"][version] = entry
+        result["models"][key] = entry
+    result["models"][f"{IMAGES}:v1"] = _images(models_dir, seconds)
     return result
+
+
+def _images(models_dir: Path, seconds: float) -> dict[str, Any]:
+    from mlserve import repository, runtimes
+    from mlserve.images import ImageClassifier
+    from mlserve.settings import WorkerOptions
+
+    from benchmarks import imageset
+
+    spec = next((s for s in repository.scan(models_dir) if s.key == f"{IMAGES}:v1"), None)
+    if spec is None or spec.metadata.image is None:
+        return {"error": f"no {IMAGES}:v1 in {models_dir}"}
+    t0 = time.perf_counter()
+    options = WorkerOptions(threads=1, device="cpu")
+    runtime = runtimes.load(spec, options)
+    pipeline = ImageClassifier(runtime, spec.metadata.image, options.max_image_pixels)
+    entry: dict[str, Any] = {
+        "path": spec.artifact_path,
+        "estimator": "decode + transforms + CNN",
+        "load_s": round(time.perf_counter() - t0, 3),
+    }
+    pngs = imageset.pngs(2048)
+    for batch in BATCHES:
+        entry[f"batch_{batch}"] = time_predict(pipeline, batch, seconds, pngs)
+    tensors = np.zeros((2048, *spec.metadata.input_shape), dtype=np.float32)
+    entry["cnn_only_batch_32"] = time_predict(runtime, 32, seconds, tensors)
+    return entry
 
 
 def measure(models_dir: Path, seconds: float, timeout: float = 300.0) -> dict[str, Any]:
@@ -111,6 +145,7 @@ def measure(models_dir: Path, seconds: float, timeout: float = 300.0) -> dict[st
         capture_output=True,
         text=True,
         timeout=timeout,
+        env={**os.environ, "OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"},
         cwd=Path(__file__).resolve().parent.parent,
     )
     if proc.returncode != 0:

@@ -1,14 +1,14 @@
 """Minimal Prometheus text-format reader for the batch-size histogram.
 
-Why hand-rolled: we need two numbers (``_sum`` and ``_count`` of
-``mlserve_batch_size`` for one model/version) and adding prometheus_client
-as a benchmark dependency just to parse them is not worth it.
+Why hand-rolled: we need one histogram (``_sum``, ``_count`` and the buckets
+of ``mlserve_batch_size`` for one model/version) and adding prometheus_client
+as a benchmark dependency just to parse it is not worth it.
 """
 
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 _SAMPLE_RE = re.compile(
     r"^(?P<name>[a-zA-Z_:][a-zA-Z0-9_:]*)"
@@ -21,14 +21,25 @@ BATCH_METRIC = "mlserve_batch_size"
 
 @dataclass(frozen=True)
 class HistTotals:
-    """``_sum`` and ``_count`` summed over matching label sets."""
+    """``_sum``, ``_count`` and cumulative buckets summed over matching label sets."""
 
     sum: float
     count: float
     series: int  # how many label sets matched; 0 means the metric is absent
+    buckets: dict[str, float] = field(default_factory=dict)  # upper bound ("le") -> cumulative count
 
     def minus(self, before: HistTotals) -> HistTotals:
-        return HistTotals(self.sum - before.sum, self.count - before.count, self.series)
+        buckets = {le: n - before.buckets.get(le, 0.0) for le, n in self.buckets.items()}
+        return HistTotals(self.sum - before.sum, self.count - before.count, self.series, buckets)
+
+    def per_bucket(self) -> dict[str, float]:
+        """Observations in each bucket alone (not cumulative), in bound order."""
+        ordered = sorted(self.buckets.items(), key=lambda item: float(item[0]))
+        out, below = {}, 0.0
+        for le, cumulative in ordered:
+            out[le] = cumulative - below
+            below = cumulative
+        return out
 
 
 def parse_samples(text: str) -> list[tuple[str, dict[str, str], float]]:
@@ -56,16 +67,19 @@ def histogram_totals(
     model: str | None = None,
     version: str | None = None,
 ) -> HistTotals:
-    """Sum ``<metric>_sum`` / ``<metric>_count`` over label sets for model/version.
+    """Sum ``<metric>_sum`` / ``_count`` / ``_bucket`` over label sets for model/version.
 
     The version label is accepted as ``version`` or ``model_version`` so a
     small naming change in the server does not silently zero the column.
     """
     total_sum = 0.0
     total_count = 0.0
+    buckets: dict[str, float] = {}
     series: set[tuple[tuple[str, str], ...]] = set()
     for name, labels, value in parse_samples(text):
-        if name not in (f"{metric}_sum", f"{metric}_count"):
+        if name == f"{metric}_bucket" and "le" in labels:
+            le = labels.pop("le")
+        elif name not in (f"{metric}_sum", f"{metric}_count"):
             continue
         if model is not None and labels.get("model") != model:
             continue
@@ -73,8 +87,10 @@ def histogram_totals(
         if version is not None and label_version != version:
             continue
         series.add(tuple(sorted(labels.items())))
-        if name.endswith("_sum"):
+        if name.endswith("_bucket"):
+            buckets[le] = buckets.get(le, 0.0) + value
+        elif name.endswith("_sum"):
             total_sum += value
         else:
             total_count += value
-    return HistTotals(total_sum, total_count, len(series))
+    return HistTotals(total_sum, total_count, len(series), buckets)

@@ -11,7 +11,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from benchmarks.analysis import headline_lines
+from benchmarks.analysis import closed, headline_lines
 
 _COLORS = {
     "floor": "black",
@@ -19,6 +19,10 @@ _COLORS = {
     "v1-off": "tab:cyan",
     "v2-on": "tab:red",
     "v2-off": "tab:orange",
+    "image-on": "tab:green",
+    "image-off": "tab:olive",
+    "mlserver-v1": "tab:purple",
+    "mlserver-v2": "tab:brown",
 }
 
 
@@ -30,12 +34,16 @@ def write_all(run: dict[str, Any], out_dir: Path, date: str) -> dict[str, Path]:
         "markdown": out_dir / f"{date}.md",
         "throughput_png": out_dir / f"{date}-throughput.png",
         "latency_png": out_dir / f"{date}-latency.png",
+        "open_loop_png": out_dir / f"{date}-open-loop.png",
+        "batches_png": out_dir / f"{date}-batches.png",
     }
     run["artefacts"] = {k: str(v) for k, v in paths.items()}
     paths["json"].write_text(json.dumps(run, indent=2, sort_keys=False) + "\n")
     paths["markdown"].write_text(markdown(run))
     plot_throughput(run, paths["throughput_png"])
     plot_latency(run, paths["latency_png"])
+    plot_open_loop(run, paths["open_loop_png"])
+    plot_batches(run, paths["batches_png"])
     return paths
 
 
@@ -70,40 +78,42 @@ def markdown(run: dict[str, Any]) -> str:
     out += [
         "## Results",
         "",
-        "| scenario | c | req/s | % floor | on/off | % offline b32 | p50 ms | p99 ms "
+        "| scenario | c | req/s | % floor | on/off | vs MLServer | % offline b32 | p50 ms | p99 ms "
         "| mean batch | non-2xx | sock err | wrk CPU | server CPU (front end) | other CPU |",
-        "|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|",
+        "|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|",
     ]
-    for p in run["points"]:
+    for p in closed(run["points"]):
         if p.get("rps") is None:
             err = str(p.get('error', '?')).replace('|', '/').replace('\n', ' ')[:120]
             out.append(f"| {p['scenario']} | {p['concurrency']} | failed: {err} "
-                       "| | | | | | | | | | | |")
+                       "| | | | | | | | | | | | |")
             continue
         r = p.get("ratios", {})
         out.append(
             f"| {p['scenario']} | {p['concurrency']} | {p['rps']:.0f} | {_pct(r.get('vs_floor'))} "
-            f"| {_fmt(r.get('on_off'), '.2f', 'x')} | {_pct(r.get('vs_offline_b32'))} "
+            f"| {_fmt(r.get('on_off'), '.2f', 'x')} | {_fmt(r.get('vs_peer'), '.2f', 'x')} "
+            f"| {_pct(r.get('vs_offline_b32'))} "
             f"| {p['p50_ms']:.2f} | {p['p99_ms']:.2f} | {_fmt(p.get('mean_batch_size'), '.2f')} "
-            f"| {p['non2xx']} | {p['socket_errors']} | {p['wrk_cpu_pct']:.0f}% "
+            f"| {p['non2xx']} | {p['socket_errors']} | {p['loadgen_cpu_pct']:.0f}% "
             f"| {_fmt(p.get('server_cpu_pct'), '.0f', '%')} "
             f"({_fmt(p.get('frontend_cpu_pct'), '.0f', '%')}) "
             f"| {_fmt(p.get('other_cpu_pct'), '.0f', '%')} |"
         )
     out.append("")
+    out += _open_loop_table(run["points"])
 
     offline = run.get("offline") or {}
-    if offline.get("versions"):
-        out += ["## Offline compute ceiling (one process, no HTTP)", "",
-                "| version | estimator | batch 1 rows/s | batch 1 ms/call | batch 32 rows/s "
+    if offline.get("models"):
+        out += ["## Offline compute ceiling (one process, one thread, no HTTP)", "",
+                "| model:version | what is timed | batch 1 rows/s | batch 1 ms/call | batch 32 rows/s "
                 "| batch 32 ms/call |", "|---|---|--:|--:|--:|--:|"]
-        for version, e in offline["versions"].items():
+        for key, e in offline["models"].items():
             if "error" in e:
-                out.append(f"| {version} | error: {e['error']} | | | | |")
+                out.append(f"| {key} | error: {e['error']} | | | | |")
                 continue
             b1, b32 = e["batch_1"], e["batch_32"]
             out.append(
-                f"| {version} | {e['estimator']} | {b1['rows_per_s']:.0f} | {b1['ms_per_call']:.3f} "
+                f"| {key} | {e['estimator']} | {b1['rows_per_s']:.0f} | {b1['ms_per_call']:.3f} "
                 f"| {b32['rows_per_s']:.0f} | {b32['ms_per_call']:.3f} |"
             )
         out.append("")
@@ -131,9 +141,33 @@ def markdown(run: dict[str, Any]) -> str:
     return "\n".join(out)
 
 
+def _open_loop_table(points: list[dict[str, Any]]) -> list[str]:
+    rows = [p for p in points if p.get("loop") == "open"]
+    if not rows:
+        return []
+    out = [
+        "## Open loop (fixed arrival rate, latency from each request's scheduled time)",
+        "",
+        "| scenario | target req/s | answered req/s | p50 ms | p99 ms | max ms | mean batch | non-2xx "
+        "| unanswered | generator CPU | server CPU |",
+        "|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|",
+    ]
+    for p in rows:
+        if p.get("rps") is None:
+            out.append(f"| {p['scenario']} | {p['target_rps']:.0f} | failed | | | | | | | | |")
+            continue
+        out.append(
+            f"| {p['scenario']} | {p['target_rps']:.0f} | {p['rps']:.0f} | {p['p50_ms']:.2f} "
+            f"| {p['p99_ms']:.2f} | {p['max_ms']:.1f} | {_fmt(p.get('mean_batch_size'), '.2f')} "
+            f"| {p['non2xx']} | {p['unanswered']} | {p['loadgen_cpu_pct']:.0f}% "
+            f"| {_fmt(p.get('server_cpu_pct'), '.0f', '%')} |"
+        )
+    return out + [""]
+
+
 def _series(run: dict[str, Any]) -> dict[str, list[dict[str, Any]]]:
     by_scenario: dict[str, list[dict[str, Any]]] = {}
-    for p in run["points"]:
+    for p in closed(run["points"]):
         if p.get("rps") is not None:
             by_scenario.setdefault(p["scenario"], []).append(p)
     for pts in by_scenario.values():
@@ -149,13 +183,27 @@ def _axes_concurrency(ax: Any, concurrency: list[int]) -> None:
     ax.grid(True, which="both", alpha=0.3)
 
 
-def plot_throughput(run: dict[str, Any], path: Path) -> None:
-    """req/s vs concurrency, one line per scenario (log y: floor dwarfs v2)."""
+def _pyplot() -> Any:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    return plt
+
+
+def _save(plt: Any, fig: Any, legend_ax: Any, path: Path) -> None:
+    """Legend to the right of ``legend_ax`` (when it has lines), then write and free the figure."""
+    if legend_ax.get_legend_handles_labels()[0]:
+        legend_ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def plot_throughput(run: dict[str, Any], path: Path) -> None:
+    """req/s vs concurrency, one line per scenario (log y: floor dwarfs v2)."""
+    plt = _pyplot()
     fig, ax = plt.subplots(figsize=(9.5, 5), dpi=110)
     for name, pts in _series(run).items():
         label = pts[0]["label"]
@@ -166,20 +214,12 @@ def plot_throughput(run: dict[str, Any], path: Path) -> None:
     ax.set_yscale("log")
     ax.set_ylabel("requests/s (log)")
     ax.set_title(f"mlserve throughput {run['date']}" + (" (quick)" if run["config"]["quick"] else ""))
-    if ax.get_legend_handles_labels()[0]:
-        ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
+    _save(plt, fig, ax, path)
 
 
 def plot_latency(run: dict[str, Any], path: Path) -> None:
     """p50 and p99 vs concurrency side by side, log y, one line per scenario."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = _pyplot()
     fig, axes = plt.subplots(1, 2, figsize=(12.5, 4.8), dpi=110, sharey=True)
     for ax, key, title in ((axes[0], "p50_ms", "p50"), (axes[1], "p99_ms", "p99")):
         for name, pts in _series(run).items():
@@ -190,9 +230,63 @@ def plot_latency(run: dict[str, Any], path: Path) -> None:
         ax.set_yscale("log")
         ax.set_title(f"{title} latency")
     axes[0].set_ylabel("latency ms (log)")
-    if axes[1].get_legend_handles_labels()[0]:
-        axes[1].legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     fig.suptitle(f"mlserve latency {run['date']}" + (" (quick)" if run["config"]["quick"] else ""))
+    _save(plt, fig, axes[1], path)
+
+
+def plot_open_loop(run: dict[str, Any], path: Path) -> None:
+    """p50 and p99 against answered req/s at fixed arrival rates: where latency bends upward."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(9.5, 5), dpi=110)
+    by_scenario: dict[str, list[dict[str, Any]]] = {}
+    for p in run["points"]:
+        if p.get("loop") == "open" and p.get("rps") is not None:
+            by_scenario.setdefault(p["scenario"], []).append(p)
+    for name, pts in by_scenario.items():
+        pts.sort(key=lambda p: p["target_rps"])
+        rates = [p["rps"] for p in pts]
+        color = _COLORS.get(name)
+        ax.plot(rates, [p["p99_ms"] for p in pts], marker="o", color=color, label=f"{pts[0]['label']} p99")
+        ax.plot(rates, [p["p50_ms"] for p in pts], marker=".", color=color, linestyle=":",
+                label=f"{pts[0]['label']} p50")
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    plain = plt.FuncFormatter(lambda value, _: f"{value:g}")
+    ax.xaxis.set_major_formatter(plain)
+    ax.yaxis.set_major_formatter(plain)
+    ax.yaxis.set_minor_formatter(plain)
+    ax.set_xlabel("answered requests/s (open loop, fixed arrival rate)")
+    ax.set_ylabel("latency ms (log)")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.set_title(f"mlserve latency against load {run['date']}")
+    _save(plt, fig, ax, path)
+
+
+def plot_batches(run: dict[str, Any], path: Path) -> None:
+    """Share of rows that ran in batches of each size, per batching-on scenario and concurrency."""
+    plt = _pyplot()
+    series = {name: [p for p in pts if p.get("batch_size_buckets")]
+              for name, pts in _series(run).items() if pts[0]["batching"] and pts[0]["kind"] == "mlserve"}
+    series = {name: pts for name, pts in series.items() if pts}
+    fig, axes = plt.subplots(1, max(1, len(series)), figsize=(4.2 * max(1, len(series)), 4), dpi=110,
+                             sharey=True, squeeze=False)
+    for ax, (name, pts) in zip(axes[0], series.items()):
+        bounds = [le for le in pts[0]["batch_size_buckets"] if le != "+Inf"]
+        width = 0.8 / len(pts)
+        for i, p in enumerate(pts):
+            counts = p["batch_size_buckets"]
+            # A bucket's rows are estimated at its upper bound: batches of 33-64 rows count as 64.
+            rows = [counts.get(le, 0.0) * float(le) for le in bounds]
+            total = sum(rows) or 1.0
+            ax.bar([j + i * width for j in range(len(bounds))], [r / total for r in rows], width,
+                   label=f"c={p['concurrency']}")
+        ax.set_xticks([j + 0.4 - width / 2 for j in range(len(bounds))])
+        ax.set_xticklabels([f"{float(le):g}" for le in bounds], fontsize=7)
+        ax.set_xlabel("batch size (rows, bucket upper bound)")
+        ax.set_title(pts[0]["label"], fontsize=9)
+        ax.legend(fontsize=7)
+    axes[0][0].set_ylabel("share of rows")
+    fig.suptitle(f"mlserve batch sizes {run['date']}")
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)

@@ -18,17 +18,18 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import aiohttp
 
-from benchmarks import analysis, hoststat, offline, promtext, report, servers
-from benchmarks.scenarios import Scenario, Timing
-from benchmarks.wrk_runner import WrkError, run_wrk
+from benchmarks import analysis, hoststat, imageset, offline, peers, promtext, report, servers
+from benchmarks.openloop import CONNECTIONS, run_open
+from benchmarks.scenarios import OPEN_LOOP_FRACTIONS, Scenario, Timing
+from benchmarks.wrk_runner import LoadError, run_wrk
 
-MODEL = "iris_classifier"
 # Other processes using more than this (% of one core) during a point make it suspect.
 NOISY_OTHER_CPU_PCT = 20.0
 
@@ -48,7 +49,25 @@ class Plan:
     models_dir: Path | None
     mlserve_cmd: list[str] | None
     run_offline: bool
+    peer_cmd: Path | None = None
+    """MLServer's ``mlserver`` command, for the peer scenarios."""
     notes: list[str] = field(default_factory=list)
+    image_file: Path | None = None
+    """The distinct PNGs the image scenarios send, written once a run."""
+
+    def wrk_args(self, scenario: Scenario) -> list[str]:
+        if scenario.kind == "mlserver":
+            return []
+        if scenario.images:
+            assert self.image_file is not None
+            return [str(self.image_file)]
+        return [scenario.version, scenario.model]
+
+    def open_loop_args(self, scenario: Scenario) -> list[str]:
+        if scenario.images:
+            assert self.image_file is not None
+            return ["--images", str(self.image_file)]
+        return ["--iris", scenario.model, scenario.version]
 
 
 class Progress:
@@ -73,7 +92,8 @@ def _sigterm_as_interrupt(_signum: int, _frame: object) -> None:
 
 def count_steps(plan: Plan, train: bool) -> int:
     per_server = 1 + len(plan.concurrency)
-    return int(train) + int(plan.run_offline) + len(plan.scenarios) * per_server
+    open_points = sum(s.open_loop for s in plan.scenarios) * len(OPEN_LOOP_FRACTIONS)
+    return int(train) + int(plan.run_offline) + len(plan.scenarios) * per_server + open_points
 
 
 def _wrk_version() -> str:
@@ -84,23 +104,34 @@ def _wrk_version() -> str:
         return "wrk ?"
 
 
-def _read_batch_metrics(base_url: str, version: str) -> promtext.HistTotals | None:
+def _read_batch_metrics(base_url: str, scenario: Scenario) -> promtext.HistTotals | None:
     try:
         status, body = servers.http_get(f"{base_url}/metrics", timeout=5.0)
     except OSError:
         return None
     if status != 200:
         return None
-    return promtext.histogram_totals(body.decode(errors="replace"), model=MODEL, version=version)
+    return promtext.histogram_totals(
+        body.decode(errors="replace"), model=scenario.model, version=scenario.version
+    )
 
 
 def _sanity(server: servers.Server, scenario: Scenario) -> dict[str, Any]:
     """One real request before load: a broken contract should be loud, not a 0 req/s row."""
-    body = json.dumps(
-        {"features": [5.1, 3.5, 1.4, 0.2], "model": MODEL, "model_version": scenario.version}
-    ).encode()
+    if scenario.kind == "mlserver":
+        payload = {"inputs": [{"name": "input-0", "shape": [1, 4], "datatype": "FP64",
+                               "data": [5.1, 3.5, 1.4, 0.2]}]}
+        body, content_type = json.dumps(payload).encode(), "application/json"
+        expected: tuple[str, ...] = ("model_name", "outputs")
+    elif scenario.images:
+        body, content_type = imageset.pngs(1)[0], "image/png"
+        expected = ("class", "confidence", "probabilities", "model", "model_version")
+    else:
+        payload = {"features": [5.1, 3.5, 1.4, 0.2], "model": scenario.model, "model_version": scenario.version}
+        body, content_type = json.dumps(payload).encode(), "application/json"
+        expected = ("prediction", "model", "model_version", "inference_time_ms")
     try:
-        status, raw = servers.http_post_json(f"{server.base_url}/predict", body)
+        status, raw = servers.http_post(f"{server.base_url}{scenario.path}", body, content_type)
     except OSError as exc:
         return {"ok": False, "error": repr(exc)}
     result: dict[str, Any] = {"status": status, "body": raw[:300].decode(errors="replace")}
@@ -108,8 +139,7 @@ def _sanity(server: servers.Server, scenario: Scenario) -> dict[str, Any]:
     if ok and scenario.kind == "mlserve":
         try:
             data = json.loads(raw)
-            missing = [k for k in ("prediction", "model", "model_version", "inference_time_ms")
-                       if k not in data]
+            missing = [k for k in expected if k not in data]
             if missing:
                 result["missing_keys"] = missing
             ok = not missing and data.get("model_version") == scenario.version
@@ -119,33 +149,65 @@ def _sanity(server: servers.Server, scenario: Scenario) -> dict[str, Any]:
     return result
 
 
+@dataclass(frozen=True)
+class Load:
+    """What a load generator reports that the harness needs besides its own figures."""
+
+    figures: dict[str, Any]
+    requests: int
+    wall_s: float
+    cpu_s: float
+
+
 def measure_point(
     server: servers.Server, scenario: Scenario, concurrency: int, plan: Plan
 ) -> dict[str, Any]:
-    """Warm up, then one measured wrk run with metrics and server CPU around it."""
-    url = f"{server.base_url}/predict"
-    point = _point_header(scenario, concurrency)
+    """Warm up, then one measured closed-loop wrk run."""
+    url = f"{server.base_url}{scenario.path}"
     timeout_s = max(10.0, 2 * plan.timing.duration_s)
+    script, args = scenario.script, plan.wrk_args(scenario)
     if plan.timing.warmup_s > 0:
-        run_wrk(url, concurrency, plan.timing.warmup_s, scenario.version, MODEL,
-                plan.wrk_core, timeout_s)
+        run_wrk(url, concurrency, plan.timing.warmup_s, script, args, plan.wrk_core, timeout_s)
         time.sleep(0.2)  # let warm-up stragglers drain before the "before" snapshot
-    before = _read_batch_metrics(server.base_url, scenario.version) if scenario.kind == "mlserve" else None
+
+    def load() -> Load:
+        res = run_wrk(url, concurrency, plan.timing.duration_s, script, args, plan.wrk_core, timeout_s)
+        return Load(res.to_dict(), res.requests, res.wrk_wall_s, res.wrk_cpu_s)
+
+    return _observe(server, scenario, load)
+
+
+def measure_open_point(
+    server: servers.Server, scenario: Scenario, rate: float, plan: Plan
+) -> dict[str, Any]:
+    """One open-loop run at ``rate`` req/s (its first second is the warm-up, not measured)."""
+    url = f"{server.base_url}{scenario.path}"
+
+    def load() -> Load:
+        res = run_open(url, rate, plan.timing.open_loop_s, plan.open_loop_args(scenario), plan.wrk_core)
+        return Load(res, int(res["requests"]), float(res["wall_s"]), float(res["loadgen_cpu_s"]))
+
+    return _observe(server, scenario, load)
+
+
+def _observe(server: servers.Server, scenario: Scenario, load: Callable[[], Load]) -> dict[str, Any]:
+    """Run ``load`` with the server's CPU, the host's CPU and the batch histogram read around it."""
+    mlserve = scenario.kind == "mlserve"
+    before = _read_batch_metrics(server.base_url, scenario) if mlserve else None
     cpu_before = server.cpu_seconds()
     host_before = hoststat.sample()
-    res = run_wrk(url, concurrency, plan.timing.duration_s, scenario.version, MODEL,
-                  plan.wrk_core, timeout_s)
+    res = load()
     host_after = hoststat.sample()
     cpu_after = server.cpu_seconds()
-    after = _read_batch_metrics(server.base_url, scenario.version) if scenario.kind == "mlserve" else None
-    point.update(res.to_dict())
-    wall = res.wrk_wall_s
+    after = _read_batch_metrics(server.base_url, scenario) if mlserve else None
+    point = dict(res.figures)
+    wall = res.wall_s
     point["server_cpu_s"] = round(cpu_after[0] - cpu_before[0], 3)
     point["server_cpu_pct"] = round(100 * (cpu_after[0] - cpu_before[0]) / wall, 1)
     point["frontend_cpu_pct"] = round(100 * (cpu_after[1] - cpu_before[1]) / wall, 1)
-    # Host-wide busy CPU minus server and wrk: what other processes took.
+    # Host-wide busy CPU minus server and load generator: what other processes took.
     host_busy = host_after.busy_seconds_since(host_before)
-    other = host_busy - (cpu_after[0] - cpu_before[0]) - res.wrk_cpu_s
+    other = host_busy - (cpu_after[0] - cpu_before[0]) - res.cpu_s
     point["host_busy_pct"] = round(100 * host_busy / wall, 1)
     point["other_cpu_pct"] = round(max(0.0, 100 * other / wall), 1)
     point["steal_pct"] = round(100 * host_after.steal_seconds_since(host_before) / wall, 1)
@@ -155,6 +217,7 @@ def measure_point(
         point["batch_metric_series"] = after.series
         point["batch_rows"] = delta.sum
         point["batch_count"] = delta.count
+        point["batch_size_buckets"] = delta.per_bucket()
         if delta.count > 0:
             point["mean_batch_size"] = round(delta.sum / delta.count, 3)
         # Rows seen by /metrics vs requests sent: far from 1 means the metric
@@ -170,8 +233,8 @@ def _describe(point: dict[str, Any]) -> str:
     bad = point["non2xx"] + point["socket_errors"]
     if bad:
         text += f" !! {point['non2xx']} non-2xx {point['socket_errors']} socket errors"
-    if point["wrk_cpu_pct"] > 90:
-        text += " (wrk CPU-bound)"
+    if point["loadgen_cpu_pct"] > 90:
+        text += " (load generator CPU-bound)"
     if point.get("other_cpu_pct", 0) > NOISY_OTHER_CPU_PCT:
         text += f" (noisy: other processes used {point['other_cpu_pct']:.0f}% CPU)"
     return text
@@ -183,7 +246,7 @@ def run(plan: Plan) -> dict[str, Any]:
     date = dt.date.today().isoformat()
     started = time.time()
     plan.out_dir.mkdir(parents=True, exist_ok=True)
-    needs_models = any(s.kind == "mlserve" for s in plan.scenarios) or plan.run_offline
+    needs_models = any(s.kind != "floor" for s in plan.scenarios) or plan.run_offline
     tmp_models: Path | None = None
     models_dir = plan.models_dir
     if needs_models and models_dir is None:
@@ -243,8 +306,10 @@ def run(plan: Plan) -> dict[str, Any]:
             else:
                 run_record["train_s"] = round(took, 2)
                 progress.end(f"done in {took:.1f}s")
+        if any(s.images for s in plan.scenarios):
+            plan.image_file = imageset.write(Path(tempfile.mkstemp(prefix="mlserve-bench-", suffix=".png.bin")[1]))
         if plan.run_offline and models_dir is not None:
-            progress.start("offline ceiling (joblib predict, batch 1 / 32)")
+            progress.start("offline ceiling (predict in a plain process, batch 1 / 32)")
             run_record["offline"] = offline.measure(models_dir, plan.timing.offline_s)
             progress.end(_offline_summary(run_record["offline"]))
         for scenario in plan.scenarios:
@@ -257,6 +322,8 @@ def run(plan: Plan) -> dict[str, Any]:
         signal.signal(signal.SIGTERM, previous)
         if tmp_models is not None:
             shutil.rmtree(tmp_models, ignore_errors=True)
+        if plan.image_file is not None:
+            plan.image_file.unlink(missing_ok=True)
 
     analysis.add_ratios(run_record["points"], run_record["offline"] or {})
     run_record["headline"] = analysis.headline(run_record["points"])
@@ -281,11 +348,11 @@ def _offline_summary(result: dict[str, Any]) -> str:
     if "error" in result:
         return f"FAILED: {result['error'][:200]}"
     parts = []
-    for version, e in result.get("versions", {}).items():
+    for key, e in result.get("models", {}).items():
         if "error" in e:
-            parts.append(f"{version}: {e['error']}")
+            parts.append(f"{key}: {e['error']}")
         else:
-            parts.append(f"{version} b1 {e['batch_1']['rows_per_s']:.0f} rows/s, "
+            parts.append(f"{key} b1 {e['batch_1']['rows_per_s']:.0f} rows/s, "
                          f"b32 {e['batch_32']['rows_per_s']:.0f} rows/s")
     return "; ".join(parts)
 
@@ -301,12 +368,18 @@ def _run_scenario(
     """Start one server, measure every concurrency, always stop it."""
     port = servers.free_port()
     log_path = plan.out_dir / f"{date}-server-{scenario.name}.log"
+    workdir: Path | None = None
     if scenario.kind == "floor":
         argv = servers.floor_argv(port, plan.floor_workers)
+    elif scenario.kind == "mlserver":
+        assert plan.peer_cmd is not None and models_dir is not None
+        workdir = Path(tempfile.mkdtemp(prefix="mlserve-bench-peer-"))
+        argv = peers.argv(plan.peer_cmd, scenario, models_dir, workdir, port, plan.workers)
     else:
         assert plan.mlserve_cmd is not None and models_dir is not None
         argv = servers.mlserve_argv(plan.mlserve_cmd, port, models_dir, plan.workers)
-    server = servers.Server(scenario.name, argv, port, log_path, servers.clean_env(scenario.env))
+    server = servers.Server(scenario.name, argv, port, log_path, servers.clean_env(scenario.env),
+                            ready_path=scenario.ready_path)
     info: dict[str, Any] = {"label": scenario.label, "argv": argv, "env": scenario.env,
                             "log_path": str(log_path)}
     run_record["scenarios"][scenario.name] = info
@@ -322,37 +395,67 @@ def _run_scenario(
                 progress.start(f"{scenario.label} c={c}")
                 progress.end("skipped")
                 run_record["points"].append(_failed_point(scenario, c, "server did not start"))
+            progress.total -= len(OPEN_LOOP_FRACTIONS) if scenario.open_loop else 0
             return
         info["sanity"] = _sanity(server, scenario)
         progress.end(f"ready in {info['startup_s']:.1f}s, sanity "
                      f"{'ok' if info['sanity'].get('ok') else 'FAILED ' + str(info['sanity'])[:200]}")
         for c in plan.concurrency:
-            progress.start(f"{scenario.label} c={c}")
-            try:
-                point = measure_point(server, scenario, c, plan)
-            except WrkError as exc:
-                point = _failed_point(scenario, c, str(exc)[:500])
-                progress.end(f"FAILED: {str(exc)[:200]}")
-            else:
-                progress.end(_describe(point))
-            run_record["points"].append(point)
-            if server.proc is not None and server.proc.poll() is not None:
-                info["error"] = f"server exited mid-run rc={server.proc.returncode}"
-                break
+            header = _point_header(scenario, c)
+            if not _step(header, lambda: measure_point(server, scenario, c, plan), server, info,
+                         run_record, progress):
+                return
+        best = max((p["rps"] for p in run_record["points"]
+                    if p["scenario"] == scenario.name and p.get("rps")), default=0.0)
+        for fraction in OPEN_LOOP_FRACTIONS if scenario.open_loop and best else ():
+            rate = fraction * best
+            header = _point_header(scenario, CONNECTIONS, "open") | {"target_rps": round(rate, 1)}
+            if not _step(header, lambda: measure_open_point(server, scenario, rate, plan), server, info,
+                         run_record, progress):
+                return
     finally:
         info["exit_code"] = server.stop()
         info["log_levels"] = servers.count_log_levels(log_path)
+        if workdir is not None:
+            shutil.rmtree(workdir, ignore_errors=True)
 
 
-def _point_header(scenario: Scenario, concurrency: int) -> dict[str, Any]:
+def _step(
+    header: dict[str, Any],
+    measure: Callable[[], dict[str, Any]],
+    server: servers.Server,
+    info: dict[str, Any],
+    run_record: dict[str, Any],
+    progress: Progress,
+) -> bool:
+    """Measure one point and record it under ``header``; False once the server has died."""
+    what = f"open loop at {header['target_rps']:.0f} req/s" if header["loop"] == "open" else f"c={header['concurrency']}"
+    progress.start(f"{header['label']} {what}")
+    try:
+        point = header | measure()
+    except LoadError as exc:
+        point = header | {"rps": None, "error": str(exc)[:500]}
+        progress.end(f"FAILED: {str(exc)[:200]}")
+    else:
+        progress.end(_describe(point))
+    run_record["points"].append(point)
+    if server.proc is not None and server.proc.poll() is not None:
+        info["error"] = f"server exited mid-run rc={server.proc.returncode}"
+        return False
+    return True
+
+
+def _point_header(scenario: Scenario, concurrency: int, loop: str = "closed") -> dict[str, Any]:
     """What identifies a measured point, the same for a good one and a failed one."""
     return {
         "scenario": scenario.name,
         "label": scenario.label,
         "kind": scenario.kind,
+        "model": scenario.model,
         "version": scenario.version,
         "batching": scenario.batching,
         "concurrency": concurrency,
+        "loop": loop,
     }
 
 

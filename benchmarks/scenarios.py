@@ -11,20 +11,66 @@ import fnmatch
 from dataclasses import dataclass
 
 
+IRIS = "iris_classifier"
+IMAGES = "image_classifier"
+
+
 @dataclass(frozen=True)
 class Scenario:
     """One server configuration; all its concurrency points share one server start."""
 
     name: str
-    kind: str  # "floor" or "mlserve"
+    kind: str  # "floor", "mlserve", or "mlserver" (the peer, MLServer 1.7.1)
     version: str  # model_version sent by wrk (the floor ignores it)
     batching: bool | None  # None for the floor
+    model: str = IRIS
+
+    @property
+    def open_loop(self) -> bool:
+        """Batching-on mlserve scenarios also get open-loop points (latency against arrival rate)."""
+        return self.kind == "mlserve" and self.batching is True
+
+    @property
+    def peer_model(self) -> str:
+        """The model's name inside MLServer's repository."""
+        return f"iris-{self.version}"
+
+    @property
+    def images(self) -> bool:
+        return self.model == IMAGES
+
+    @property
+    def key(self) -> str:
+        """``model:version``, as the server and the offline ceiling name it."""
+        return f"{self.model}:{self.version}"
+
+    @property
+    def path(self) -> str:
+        if self.kind == "mlserver":
+            return f"/v2/models/{self.peer_model}/infer"
+        if self.images:
+            return f"/predict/image?model={self.model}&model_version={self.version}"
+        return "/predict"
+
+    @property
+    def script(self) -> str:
+        """The wrk Lua script: a fresh iris row, or the next of many distinct PNGs, per request."""
+        if self.kind == "mlserver":
+            return "v2infer.lua"
+        return "image.lua" if self.images else "predict.lua"
+
+    @property
+    def ready_path(self) -> str:
+        return "/v2/health/ready" if self.kind == "mlserver" else "/health/ready"
 
     @property
     def label(self) -> str:
         if self.kind == "floor":
             return "HTTP floor (bare aiohttp)"
-        return f"{self.version} batching={'on' if self.batching else 'off'}"
+        if self.kind == "mlserver":
+            return f"MLServer 1.7.1 {self.version} adaptive batching"
+        name = "image" if self.images else self.version
+        return f"{name} batching={'on' if self.batching else 'off'}"
 
     @property
     def env(self) -> dict[str, str]:
@@ -42,8 +88,18 @@ CATALOGUE: tuple[Scenario, ...] = (
     Scenario("v1-off", "mlserve", "v1", False),
     Scenario("v2-on", "mlserve", "v2", True),
     Scenario("v2-off", "mlserve", "v2", False),
+    Scenario("image-on", "mlserve", "v1", True, IMAGES),
+    Scenario("image-off", "mlserve", "v1", False, IMAGES),
 )
+# The peers run only when asked for (``--peers`` or ``make bench-peers``): they need their own venv.
+PEERS: tuple[Scenario, ...] = (
+    Scenario("mlserver-v1", "mlserver", "v1", True),
+    Scenario("mlserver-v2", "mlserver", "v2", True),
+)
+PEER_BASELINES = ("floor", "v1-on", "v2-on")
 DEFAULT_CONCURRENCY: tuple[int, ...] = (1, 16, 64, 256)
+# Open-loop arrival rates, as fractions of the best closed-loop req/s of the same server in this run.
+OPEN_LOOP_FRACTIONS: tuple[float, ...] = (0.25, 0.5, 0.75, 0.9)
 
 
 @dataclass(frozen=True)
@@ -53,23 +109,31 @@ class Timing:
     duration_s: float
     warmup_s: float
     offline_s: float
+    open_loop_s: float
 
     @classmethod
     def default(cls, quick: bool) -> Timing:
         if quick:
-            return cls(duration_s=3.0, warmup_s=1.0, offline_s=0.5)
-        return cls(duration_s=15.0, warmup_s=3.0, offline_s=2.0)
+            return cls(duration_s=3.0, warmup_s=1.0, offline_s=0.5, open_loop_s=2.0)
+        return cls(duration_s=10.0, warmup_s=2.0, offline_s=2.0, open_loop_s=6.0)
 
 
-def select(patterns: str | None) -> list[Scenario]:
-    """Filter the catalogue by comma-separated names or globs (``v1-*,floor``)."""
+def select(patterns: str | None, peers: bool = False) -> list[Scenario]:
+    """Filter the catalogue by comma-separated names or globs (``v1-*,floor``).
+
+    With no patterns: every mlserve scenario, or with ``peers`` the peers beside the scenarios
+    they are compared with.
+    """
+    every = CATALOGUE + PEERS
     if not patterns:
+        if peers:
+            return [s for s in CATALOGUE if s.name in PEER_BASELINES] + list(PEERS)
         return list(CATALOGUE)
     wanted = [p.strip() for p in patterns.split(",") if p.strip()]
-    chosen = [s for s in CATALOGUE if any(fnmatch.fnmatchcase(s.name, p) for p in wanted)]
-    unknown = [p for p in wanted if not any(fnmatch.fnmatchcase(s.name, p) for s in CATALOGUE)]
+    chosen = [s for s in every if any(fnmatch.fnmatchcase(s.name, p) for p in wanted)]
+    unknown = [p for p in wanted if not any(fnmatch.fnmatchcase(s.name, p) for s in every)]
     if unknown:
-        names = ", ".join(s.name for s in CATALOGUE)
+        names = ", ".join(s.name for s in every)
         raise ValueError(f"unknown scenario(s) {unknown}; choose from: {names}")
     return chosen
 
@@ -87,9 +151,12 @@ def parse_concurrency(text: str | None) -> list[int]:
 def estimate_seconds(
     scenarios: list[Scenario], concurrency: list[int], timing: Timing, offline: bool
 ) -> float:
-    """Rough wall-clock estimate: wrk time + ~0.5 s per point + ~4 s per server start/stop."""
+    """Rough wall-clock estimate: load time + ~0.5 s per point + ~5 s per server start/stop."""
     per_point = timing.duration_s + timing.warmup_s + 0.5
-    servers = len(scenarios) * 4.0
-    training = 5.0 if any(s.kind == "mlserve" for s in scenarios) else 0.0
-    offline_s = (4 * timing.offline_s + 3.0) if offline else 0.0
-    return len(scenarios) * len(concurrency) * per_point + servers + training + offline_s
+    open_points = sum(s.open_loop for s in scenarios) * len(OPEN_LOOP_FRACTIONS)
+    per_open_point = timing.open_loop_s + 2.5  # the generator's own start and warm-up second
+    servers = len(scenarios) * 5.0
+    training = 25.0 if any(s.kind == "mlserve" for s in scenarios) else 0.0
+    offline_s = (6 * timing.offline_s + 8.0) if offline else 0.0
+    closed = len(scenarios) * len(concurrency) * per_point
+    return closed + open_points * per_open_point + servers + training + offline_s

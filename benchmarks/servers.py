@@ -21,7 +21,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -73,10 +73,9 @@ def mlserve_serve_works(cmd: Sequence[str]) -> bool:
 
 
 def models_present(models_dir: Path) -> bool:
-    """Both iris versions trained already (lets ``--models-dir`` skip training)."""
-    return all(
-        (models_dir / "iris_classifier" / v / "model.joblib").exists() for v in ("v1", "v2")
-    )
+    """Every demo version trained already (lets ``--models-dir`` skip training)."""
+    versions = ("iris_classifier/v1", "iris_classifier/v2", "image_classifier/v1")
+    return all((models_dir / version / "model.toml").exists() for version in versions)
 
 
 def train_models(cmd: Sequence[str], models_dir: Path, log_path: Path) -> float:
@@ -106,11 +105,9 @@ def http_get(url: str, timeout: float = 5.0) -> tuple[int, bytes]:
         return int(exc.code), exc.read()
 
 
-def http_post_json(url: str, body: bytes, timeout: float = 30.0) -> tuple[int, bytes]:
+def http_post(url: str, body: bytes, content_type: str, timeout: float = 30.0) -> tuple[int, bytes]:
     """Tiny blocking POST used for the pre-run sanity request."""
-    req = urllib.request.Request(
-        url, data=body, method="POST", headers={"Content-Type": "application/json"}
-    )
+    req = urllib.request.Request(url, data=body, method="POST", headers={"Content-Type": content_type})
     try:
         with urllib.request.urlopen(req, timeout=timeout) as resp:
             return int(resp.status), resp.read()
@@ -127,6 +124,7 @@ class Server:
     port: int
     log_path: Path
     env: dict[str, str]
+    ready_path: str = "/health/ready"
     proc: subprocess.Popen[bytes] | None = None
     startup_s: float | None = None
     _log_file: object | None = field(default=None, repr=False)
@@ -152,7 +150,7 @@ class Server:
         _LIVE[self.proc.pid] = self.proc
 
     def wait_ready(self, timeout: float = 120.0, consecutive: int = 3) -> float:
-        """Poll ``/health/ready`` until it answers 200 ``consecutive`` times.
+        """Poll the readiness path until it answers 200 ``consecutive`` times.
 
         Several successes in a row (each a new connection) because with
         multiple SO_REUSEPORT workers one ready worker says nothing about the
@@ -169,7 +167,7 @@ class Server:
                     + self.log_tail()
                 )
             try:
-                status, _ = http_get(f"{self.base_url}/health/ready", timeout=2.0)
+                status, _ = http_get(f"{self.base_url}{self.ready_path}", timeout=2.0)
             except (OSError, urllib.error.URLError):
                 status = 0
             streak = streak + 1 if status == 200 else 0
@@ -322,17 +320,6 @@ def mlserve_argv(cmd: Sequence[str], port: int, models_dir: Path, workers: int) 
         "--workers",
         str(workers),
     ]
-
-
-@contextlib.contextmanager
-def running(server: Server, ready_timeout: float = 120.0) -> Iterator[Server]:
-    """Start ``server``, wait for readiness, and stop it no matter what happens."""
-    try:
-        server.start()
-        server.wait_ready(timeout=ready_timeout)
-        yield server
-    finally:
-        server.stop()
 
 
 def _reap_all() -> None:

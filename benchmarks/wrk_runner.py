@@ -19,12 +19,12 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-LUA_SCRIPT = Path(__file__).resolve().parent / "wrk" / "predict.lua"
+SCRIPTS = Path(__file__).resolve().parent / "wrk"
 _MARKER = "WRKJSON "
 
 
-class WrkError(RuntimeError):
-    """wrk failed or printed no result line."""
+class LoadError(RuntimeError):
+    """A load generator failed or printed no result line."""
 
 
 @dataclass(frozen=True)
@@ -60,7 +60,7 @@ class WrkResult:
     def to_dict(self) -> dict[str, object]:
         data = asdict(self)
         data["socket_errors"] = self.socket_errors
-        data["wrk_cpu_pct"] = round(self.wrk_cpu_pct, 1)
+        data["loadgen_cpu_pct"] = round(self.wrk_cpu_pct, 1)
         return data
 
 
@@ -72,8 +72,8 @@ def build_argv(
     url: str,
     concurrency: int,
     duration_s: float,
-    version: str,
-    model: str,
+    script: str,
+    script_args: list[str],
     core: int | None,
     timeout_s: float,
 ) -> list[str]:
@@ -91,14 +91,18 @@ def build_argv(
         f"--timeout={max(1, round(timeout_s))}s",
         "--latency",
         "-s",
-        str(LUA_SCRIPT),
+        str(SCRIPTS / script),
         url,
         "--",
-        version,
-        model,
+        *script_args,
     ]
+    return pinned(argv, core)
+
+
+def pinned(argv: list[str], core: int | None) -> list[str]:
+    """``argv`` under ``taskset`` on ``core`` when the machine has that core."""
     if core is not None and (os.cpu_count() or 1) > core and shutil.which("taskset"):
-        argv = ["taskset", "-c", str(core), *argv]
+        return ["taskset", "-c", str(core), *argv]
     return argv
 
 
@@ -106,18 +110,34 @@ def run_wrk(
     url: str,
     concurrency: int,
     duration_s: float,
-    version: str = "v1",
-    model: str = "iris_classifier",
+    script: str = "predict.lua",
+    script_args: list[str] | None = None,
     core: int | None = 1,
     timeout_s: float = 30.0,
 ) -> WrkResult:
-    """Run one closed-loop wrk measurement and parse its JSON line."""
-    argv = build_argv(url, concurrency, duration_s, version, model, core, timeout_s)
+    """Run one closed-loop wrk measurement with ``script`` and parse its JSON line."""
+    argv = build_argv(url, concurrency, duration_s, script, script_args or [], core, timeout_s)
+    run = run_process(argv, duration_s + timeout_s + 30.0)
+    return parse_output(run.stdout, concurrency, run.cpu_s, run.wall_s)
+
+
+@dataclass(frozen=True)
+class ProcessRun:
+    stdout: str
+    cpu_s: float
+    wall_s: float
+
+
+def run_process(argv: list[str], limit_s: float) -> ProcessRun:
+    """Run a load generator to its end and take its own CPU time from ``os.wait4``.
+
+    A watchdog kills it after ``limit_s``: a generator should end by itself, and must never hang
+    the harness.
+    """
     with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
         start = time.perf_counter()
         proc = subprocess.Popen(argv, stdout=out, stderr=err, stdin=subprocess.DEVNULL)
-        # Watchdog: wrk should end after duration; never hang the harness.
-        killer = threading.Timer(duration_s + timeout_s + 30.0, _kill, args=(proc.pid,))
+        killer = threading.Timer(limit_s, _kill, args=(proc.pid,))
         killer.start()
         try:
             _, status, usage = os.wait4(proc.pid, 0)
@@ -134,8 +154,8 @@ def run_wrk(
         stdout = out.read().decode(errors="replace")
         stderr = err.read().decode(errors="replace")
     if proc.returncode != 0:
-        raise WrkError(f"wrk rc={proc.returncode}: {stderr.strip()[-500:]} {stdout[-500:]}")
-    return parse_output(stdout, concurrency, usage.ru_utime + usage.ru_stime, wall)
+        raise LoadError(f"{argv[0]} rc={proc.returncode}: {stderr.strip()[-500:]} {stdout[-500:]}")
+    return ProcessRun(stdout, usage.ru_utime + usage.ru_stime, wall)
 
 
 def _kill(pid: int) -> None:
@@ -146,13 +166,13 @@ def _kill(pid: int) -> None:
 
 
 def parse_output(stdout: str, concurrency: int, cpu_s: float, wall_s: float) -> WrkResult:
-    """Extract the ``WRKJSON {...}`` line printed by predict.lua's done()."""
+    """Extract the ``WRKJSON {...}`` line printed by common.lua's done()."""
     for line in stdout.splitlines():
         if line.startswith(_MARKER):
             data = json.loads(line[len(_MARKER) :])
             break
     else:
-        raise WrkError(f"no {_MARKER.strip()} line in wrk output:\n{stdout[-1000:]}")
+        raise LoadError(f"no {_MARKER.strip()} line in wrk output:\n{stdout[-1000:]}")
     lat = data["latency_us"]
     errs = data["errors"]
     duration_s = data["duration_us"] / 1e6
