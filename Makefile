@@ -36,7 +36,7 @@ $(PEERS)/.installed: $(STAMP)
 	touch $@
 
 bench-peers: $(PEERS)/.installed
-	$(BIN)/python -m benchmarks --peers
+	$(BIN)/python -m benchmarks --peers --out-dir benchmarks/results/peers
 
 clean:
 	rm -rf $(VENV) $(PEERS) build *.egg-info

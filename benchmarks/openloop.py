@@ -1,16 +1,19 @@
 """Open-loop load: requests sent at a fixed arrival rate, whatever the server's answers do.
 
 Why not wrk: wrk is closed loop (each connection waits for its answer before sending again), so
-a slow server slows the load and its latency hides queueing (coordinated omission). Debian ships no
-wrk2, so this is a small generator of our own: a fixed schedule of send times, a pool of keep-alive
-connections, and each request's latency counted from the time it was *scheduled*, not sent. When
-every connection is busy, due requests wait in the generator and that wait counts as latency, as
-a user arriving then would see it.
+a slow server slows the load and its latency hides queueing and stalls (coordinated omission).
+Debian ships no wrk2, so this is a small generator of our own: a fixed schedule of send times and a
+pool of keep-alive connections. When every connection is busy, due requests wait in the generator
+and that wait counts as latency, as a user arriving then would see it.
 
-It runs in its own process, pinned like wrk, and reports its own CPU so a saturated generator is
-visible. Requests are built once, before the clock starts: the per-request cost is one
-``transport.write`` and a header scan. Run: ``python -m benchmarks.openloop URL --rate R
---duration S (--iris MODEL VERSION | --images FILE)``; it prints one ``OPENLOOP {json}`` line.
+A request's clock starts when the generator's timer notices it is due: the event loop's timers
+have about 1 ms resolution, and that lag is the generator's, not the server's. It is reported
+apart (``lag_p99_ms``), so a starved generator is visible rather than blamed on the server.
+
+It runs in its own process, pinned like wrk, and reports its own CPU. Requests are built once,
+before the clock starts: the per-request cost is one ``transport.write`` and a header scan. Run:
+``python -m benchmarks.openloop URL --rate R --duration S (--iris MODEL VERSION | --images FILE)``;
+it prints one ``OPENLOOP {json}`` line.
 """
 
 from __future__ import annotations
@@ -85,25 +88,29 @@ class Load:
         self.waiting: deque[float] = deque()
         self.measure_from = measure_from
         self.latencies: list[float] = []
+        self.lags: list[float] = []
         self.statuses: dict[int, int] = {}
         self.outstanding = 0
         self.errors = 0
 
-    def due(self, scheduled: float) -> None:
+    def due(self, scheduled: float, now: float) -> None:
+        """``scheduled`` is when the request was due, ``now`` when the generator's timer saw it."""
         self.outstanding += 1
+        if scheduled >= self.measure_from:
+            self.lags.append(now - scheduled)
         if self.idle:
-            self.idle.pop().send(scheduled)
+            self.idle.pop().send(now)
         else:
-            self.waiting.append(scheduled)
+            self.waiting.append(now)
 
     def payload(self) -> bytes:
         self.next_payload = (self.next_payload + 1) % len(self.payloads)
         return self.payloads[self.next_payload]
 
-    def answered(self, conn: Connection, scheduled: float, status: int, now: float) -> None:
+    def answered(self, conn: Connection, started: float, status: int, now: float) -> None:
         self.outstanding -= 1
-        if scheduled >= self.measure_from:
-            self.latencies.append(now - scheduled)
+        if started >= self.measure_from:
+            self.latencies.append(now - started)
             self.statuses[status] = self.statuses.get(status, 0) + 1
         if self.waiting:
             conn.send(self.waiting.popleft())
@@ -118,7 +125,7 @@ class Connection(asyncio.Protocol):
         self.load = load
         self.loop = loop
         self.buffer = bytearray()
-        self.scheduled = 0.0
+        self.started = 0.0
         self.transport: asyncio.Transport | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -126,8 +133,8 @@ class Connection(asyncio.Protocol):
         self.transport = transport
         self.load.idle.append(self)
 
-    def send(self, scheduled: float) -> None:
-        self.scheduled = scheduled
+    def send(self, started: float) -> None:
+        self.started = started
         assert self.transport is not None
         self.transport.write(self.load.payload())
 
@@ -141,7 +148,7 @@ class Connection(asyncio.Protocol):
         if len(self.buffer) < end + 4 + length:
             return
         del self.buffer[: end + 4 + length]
-        self.load.answered(self, self.scheduled, int(head[9:12]), self.loop.time())
+        self.load.answered(self, self.started, int(head[9:12]), self.loop.time())
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.load.errors += 1
@@ -163,7 +170,7 @@ async def drive(
         now = loop.time()
         due = min(int((now - start) * rate), int((stop - start) * rate)) - sent
         for _ in range(due):
-            load.due(start + sent / rate)
+            load.due(start + sent / rate, now)
             sent += 1
         if now >= stop:
             break
@@ -173,9 +180,10 @@ async def drive(
         await asyncio.sleep(0.01)
     measured = len(load.latencies)
     lat = sorted(load.latencies)
+    lags = sorted(load.lags)
 
-    def pct(q: float) -> float:
-        return round(1000 * lat[min(len(lat) - 1, int(q * len(lat)))], 3) if lat else 0.0
+    def pct(q: float, values: list[float] = lat) -> float:
+        return round(1000 * values[min(len(values) - 1, int(q * len(values)))], 3) if values else 0.0
 
     return {
         "target_rps": rate,
@@ -187,6 +195,7 @@ async def drive(
         "p90_ms": pct(0.90),
         "p99_ms": pct(0.99),
         "max_ms": round(1000 * lat[-1], 3) if lat else 0.0,
+        "lag_p99_ms": pct(0.99, lags),
         "non2xx": sum(n for status, n in load.statuses.items() if status >= 300),
         "unanswered": load.outstanding,
         "socket_errors": load.errors,

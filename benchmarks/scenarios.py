@@ -98,8 +98,9 @@ PEERS: tuple[Scenario, ...] = (
 )
 PEER_BASELINES = ("floor", "v1-on", "v2-on")
 DEFAULT_CONCURRENCY: tuple[int, ...] = (1, 16, 64, 256)
-# Open-loop arrival rates, as fractions of the best closed-loop req/s of the same server in this run.
-OPEN_LOOP_FRACTIONS: tuple[float, ...] = (0.25, 0.5, 0.75, 0.9)
+# Open-loop arrival rates, as fractions of the same server's best closed-loop req/s at up to 64
+# connections in this run.
+OPEN_LOOP_FRACTIONS: tuple[float, ...] = (0.25, 0.5, 0.75, 1.0)
 
 
 @dataclass(frozen=True)
