@@ -116,6 +116,9 @@ def markdown(run: dict[str, Any]) -> str:
                 f"| {key} | {e['estimator']} | {b1['rows_per_s']:.0f} | {b1['ms_per_call']:.3f} "
                 f"| {b32['rows_per_s']:.0f} | {b32['ms_per_call']:.3f} |"
             )
+            cnn = e.get("cnn_only_batch_32")
+            if cnn:
+                out.append(f"| {key} | CNN alone | | | {cnn['rows_per_s']:.0f} | {cnn['ms_per_call']:.3f} |")
         out.append("")
     elif offline.get("error"):
         out += [f"Offline ceiling failed: {offline['error']}", ""]
