@@ -31,7 +31,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="comma-separated names or globs from: "
                         + ", ".join(s.name for s in scenarios.CATALOGUE) + " (default: all)")
     parser.add_argument("--peers", action="store_true",
-                        help="compare with MLServer " + peers.VERSION + " (run `make bench-peers` once "
+                        help="compare with MLServer " + scenarios.PEER_VERSION + " (run `make bench-peers` once "
                         "to make its venv): floor, v1-on and v2-on beside the peer scenarios")
     parser.add_argument("--concurrency", default=None,
                         help="comma-separated closed-loop connection counts (default: "

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from benchmarks.scenarios import PEER_VERSION
+
 Point = dict[str, Any]
 
 
@@ -153,7 +155,7 @@ def headline_lines(head: dict[str, Any]) -> list[str]:
         )
     for version, d in head.get("vs_peer_at_64", {}).items():
         lines.append(
-            f"{version} @ c=64 against MLServer 1.7.1: {d['rps']:.0f} vs {d['peer_rps']:.0f} req/s "
+            f"{version} @ c=64 against MLServer {PEER_VERSION}: {d['rps']:.0f} vs {d['peer_rps']:.0f} req/s "
             f"({d['ratio']:.2f}x), p99 {d['p99_ms']:.1f} vs {d['peer_p99_ms']:.1f} ms"
         )
     return lines

@@ -26,12 +26,10 @@ from typing import Any
 
 import numpy as np
 
-MODEL = "iris_classifier"
+from benchmarks.scenarios import IMAGES, IRIS, IRIS_RANGES
+
 VERSIONS = ("v1", "v2")
-IMAGES = "image_classifier"
 BATCHES = (1, 32)
-# Iris feature ranges (min, max), same as benchmarks/wrk/predict.lua.
-RANGES = ((4.3, 7.9), (2.0, 4.4), (1.0, 6.9), (0.1, 2.5))
 
 
 def _unwrap(obj: Any) -> Any:
@@ -76,14 +74,14 @@ def run(models_dir: Path, seconds: float) -> dict[str, Any]:
     import joblib
 
     rng = np.random.default_rng(1234)
-    lo = np.array([r[0] for r in RANGES])
-    hi = np.array([r[1] for r in RANGES])
+    lo = np.array([r[0] for r in IRIS_RANGES])
+    hi = np.array([r[1] for r in IRIS_RANGES])
     pool = np.round(lo + (hi - lo) * rng.random((4096, 4)), 3)
 
     result: dict[str, Any] = {"seconds_per_point": seconds, "threads": 1, "models": {}}
     for version in VERSIONS:
-        key = f"{MODEL}:{version}"
-        path = models_dir / MODEL / version / "model.joblib"
+        key = f"{IRIS}:{version}"
+        path = models_dir / IRIS / version / "model.joblib"
         if not path.exists():
             result["models"][key] = {"error": f"missing {path}"}
             continue

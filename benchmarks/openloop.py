@@ -29,11 +29,10 @@ from collections import deque
 from pathlib import Path
 from urllib.parse import urlsplit
 
+from benchmarks.scenarios import IRIS_RANGES
 from benchmarks.wrk_runner import LoadError, pinned, run_process
 
 MARKER = "OPENLOOP "
-# Iris feature ranges (min, max), as in wrk/predict.lua: every request a different row.
-RANGES = ((4.3, 7.9), (2.0, 4.4), (1.0, 6.9), (0.1, 2.5))
 TICK_S = 0.0005
 CONNECTIONS = 256
 
@@ -42,7 +41,7 @@ def iris_bodies(model: str, version: str, count: int) -> list[tuple[bytes, bytes
     rng = random.Random(4321)
     bodies = []
     for _ in range(count):
-        row = [round(lo + (hi - lo) * rng.random(), 3) for lo, hi in RANGES]
+        row = [round(lo + (hi - lo) * rng.random(), 3) for lo, hi in IRIS_RANGES]
         body = json.dumps({"features": row, "model": model, "model_version": version})
         bodies.append((b"application/json", body.encode()))
     return bodies

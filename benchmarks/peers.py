@@ -13,11 +13,10 @@ import json
 import shutil
 from pathlib import Path
 
-from benchmarks.scenarios import Scenario
+from benchmarks.scenarios import PEER_VERSION, Scenario
 from benchmarks.servers import HOST, REPO_ROOT, free_port
 
 VENV = REPO_ROOT / ".venv-peers"
-VERSION = "1.7.1"
 # Adaptive batching as MLServer documents it: up to 64 requests a batch, waiting at most 2 ms.
 MAX_BATCH_SIZE = 64
 MAX_BATCH_TIME_S = 0.002

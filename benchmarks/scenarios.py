@@ -13,6 +13,9 @@ from dataclasses import dataclass
 
 IRIS = "iris_classifier"
 IMAGES = "image_classifier"
+# Iris feature ranges (min, max), as wrk/common.lua draws them: every request a different row.
+IRIS_RANGES = ((4.3, 7.9), (2.0, 4.4), (1.0, 6.9), (0.1, 2.5))
+PEER_VERSION = "1.7.1"
 
 
 @dataclass(frozen=True)
@@ -20,7 +23,7 @@ class Scenario:
     """One server configuration; all its concurrency points share one server start."""
 
     name: str
-    kind: str  # "floor", "mlserve", or "mlserver" (the peer, MLServer 1.7.1)
+    kind: str  # "floor", "mlserve", or "mlserver" (the peer, MLServer)
     version: str  # model_version sent by wrk (the floor ignores it)
     batching: bool | None  # None for the floor
     model: str = IRIS
@@ -38,11 +41,6 @@ class Scenario:
     @property
     def images(self) -> bool:
         return self.model == IMAGES
-
-    @property
-    def key(self) -> str:
-        """``model:version``, as the server and the offline ceiling name it."""
-        return f"{self.model}:{self.version}"
 
     @property
     def path(self) -> str:
@@ -68,7 +66,7 @@ class Scenario:
         if self.kind == "floor":
             return "HTTP floor (bare aiohttp)"
         if self.kind == "mlserver":
-            return f"MLServer 1.7.1 {self.version} adaptive batching"
+            return f"MLServer {PEER_VERSION} {self.version} adaptive batching"
         name = "image" if self.images else self.version
         return f"{name} batching={'on' if self.batching else 'off'}"
 

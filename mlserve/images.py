@@ -99,6 +99,7 @@ class ImageClassifier:
     def __init__(self, runtime: Runtime, spec: ImageInput, max_pixels: int) -> None:
         from PIL import Image as PILImage
         from torchvision import transforms
+        from torchvision.transforms import functional
 
         PILImage.MAX_IMAGE_PIXELS = None  # our own limit, checked before decoding, replaces Pillow's warning
         self._runtime = runtime
@@ -106,6 +107,7 @@ class ImageClassifier:
         self._spec = spec
         self._size = (spec.size[1], spec.size[0])  # PIL's (width, height)
         self._resize = transforms.Resize(tuple(spec.size))
+        self._normalize = functional.normalize
 
     def _pixels(self, data: bytes) -> np.ndarray:
         image = decode(data, self._max_pixels)
@@ -115,7 +117,6 @@ class ImageClassifier:
 
     def predict(self, images: list[bytes]) -> list[Answer | MlserveError]:
         import torch
-        from torchvision.transforms import functional
 
         outputs: list[Any] = [None] * len(images)
         pixels, places = [], []
@@ -129,7 +130,7 @@ class ImageClassifier:
         if not pixels:
             return outputs
         batch = torch.from_numpy(np.stack(pixels)).permute(0, 3, 1, 2).float().div(255)
-        batch = functional.normalize(batch, self._spec.mean, self._spec.std)
+        batch = self._normalize(batch, self._spec.mean, self._spec.std)
         scores = np.asarray(self._runtime.predict(batch.numpy()), dtype=np.float64)
         if len(scores) != len(pixels):
             raise ValueError(f"the model returned {len(scores)} outputs for {len(pixels)} images")
