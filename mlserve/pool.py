@@ -1,7 +1,7 @@
 """The worker processes: start them, dispatch a batch, broadcast load/unload, replace the dead.
 
-Each worker has its own socket and one reader task in the parent, so results resolve on the event
-loop without threads or blocking calls. A worker's death shows at once as end-of-file on its socket:
+Each worker has its own socket, read in the parent by an asyncio protocol, so results resolve on the
+event loop without threads or blocking calls. A worker's death shows at once as end-of-file on its socket:
 its in-flight batches are retried once on another worker (or fail with ``WorkerUnavailable``) and a
 replacement is started and given every loaded model before it takes work.
 """
@@ -14,6 +14,7 @@ import logging
 import multiprocessing
 import pickle
 import socket
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -25,7 +26,6 @@ from mlserve.settings import WorkerOptions
 
 log = logging.getLogger(__name__)
 
-_WRITE_HIGH_WATER = 1 << 20
 _RESTART_BACKOFF_S = (0.2, 0.5, 1.0, 2.0, 5.0)
 
 
@@ -33,38 +33,79 @@ class WorkerDied(Exception):
     """The worker exited with this call in flight; the pool decides whether to retry."""
 
 
-class _Worker:
-    def __init__(self, index: int, process: Any, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+class _Worker(asyncio.Protocol):
+    """One worker process and its end of the socket: frames out, replies resolved as they arrive.
+
+    A protocol rather than a stream and a reader task: a reply resolves its caller's future straight
+    from ``data_received``, without waking a task and awaiting two reads a frame.
+    """
+
+    def __init__(self, index: int, process: Any, on_exit: Callable[[_Worker], None]) -> None:
         self.index = index
         self.process = process
         self.pid: int = process.pid
-        self.reader = reader
-        self.writer = writer
         self.pending: dict[int, asyncio.Future[tuple[Any, float]]] = {}
         self.loaded: set[str] = set()
         self.alive = True
-        self.reader_task: asyncio.Task[None] | None = None
+        self.transport: asyncio.Transport | None = None
+        self._on_exit = on_exit
+        self._buffer = bytearray()
 
-    async def call(self, request_id: int, op: int, arg: Any, extra: Any = None) -> tuple[Any, float]:
-        if not self.alive:
-            raise WorkerDied(f"worker {self.index} is gone")
+    def expect(self, request_id: int) -> asyncio.Future[tuple[Any, float]]:
         future: asyncio.Future[tuple[Any, float]] = asyncio.get_running_loop().create_future()
         self.pending[request_id] = future
+        return future
+
+    async def call(self, request_id: int, op: int, arg: Any, extra: Any = None) -> tuple[Any, float]:
+        if not self.alive or self.transport is None:
+            raise WorkerDied(f"worker {self.index} is gone")
+        future = self.expect(request_id)
         try:
             payload = worker_main.encode((op, request_id, arg, extra))
-            self.writer.write(worker_main.HEADER.pack(len(payload)) + payload)
-            if self.writer.transport.get_write_buffer_size() > _WRITE_HIGH_WATER:
-                await self.writer.drain()
+            self.transport.write(worker_main.HEADER.pack(len(payload)) + payload)
             return await future
         finally:
             self.pending.pop(request_id, None)
 
-    def fail_pending(self) -> None:
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+
+    def data_received(self, data: bytes) -> None:
+        buffer = self._buffer
+        buffer += data
+        header = worker_main.HEADER.size
+        start = 0
+        with memoryview(buffer) as view:
+            while len(buffer) - start >= header:
+                (size,) = worker_main.HEADER.unpack_from(buffer, start)
+                end = start + header + size
+                if len(buffer) < end:
+                    break
+                self._resolve(pickle.loads(view[start + header : end]))
+                start = end
+        del buffer[:start]
+
+    def _resolve(self, reply: tuple[Any, ...]) -> None:
+        request_id, status, payload, compute_s = reply
+        future = self.pending.pop(request_id, None)
+        if future is None or future.done():
+            return
+        if status == worker_main.STATUS_OK:
+            future.set_result((payload, compute_s))
+        else:
+            future.set_exception(PredictionFailed(payload))
+
+    def connection_lost(self, exc: Exception | None) -> None:
         self.alive = False
         pending, self.pending = self.pending, {}
         for future in pending.values():
             if not future.done():
                 future.set_exception(WorkerDied(f"worker {self.index} (pid {self.pid}) died"))
+        self._on_exit(self)
+
+    def close(self) -> None:
+        if self.transport is not None:
+            self.transport.close()
 
 
 class WorkerPool:
@@ -110,23 +151,19 @@ class WorkerPool:
             process.start()
         finally:
             child_sock.close()
+        worker = _Worker(index, process, self._on_exit)
+        hello = worker.expect(worker_main.HELLO_ID)
         try:
-            reader, writer = await asyncio.open_unix_connection(sock=parent_sock, limit=1 << 20)
-            hello = await asyncio.wait_for(self._read_frame(reader), self._start_timeout_s)
+            await asyncio.get_running_loop().create_unix_connection(lambda: worker, sock=parent_sock)
+            pid, _ = await asyncio.wait_for(hello, self._start_timeout_s)
         except BaseException:
-            parent_sock.close()
+            if worker.transport is None:
+                parent_sock.close()
+            worker.close()
             process.kill()
             raise
-        log.debug("worker %d started (pid %s)", index, hello[2])
-        worker = _Worker(index, process, reader, writer)
-        worker.reader_task = asyncio.get_running_loop().create_task(self._read_loop(worker))
+        log.debug("worker %d started (pid %s)", index, pid)
         return worker
-
-    @staticmethod
-    async def _read_frame(reader: asyncio.StreamReader) -> Any:
-        header = await reader.readexactly(worker_main.HEADER.size)
-        (size,) = worker_main.HEADER.unpack(header)
-        return pickle.loads(await reader.readexactly(size))
 
     def _adopt(self, worker: _Worker) -> None:
         self._workers[worker.index] = worker
@@ -134,31 +171,13 @@ class WorkerPool:
 
     @staticmethod
     def _discard(worker: _Worker) -> None:
-        worker.writer.close()
+        worker.close()
         worker.process.kill()
-
-    async def _read_loop(self, worker: _Worker) -> None:
-        try:
-            while True:
-                request_id, status, payload, compute_s = await self._read_frame(worker.reader)
-                future = worker.pending.pop(request_id, None)
-                if future is None or future.done():
-                    continue
-                if status == worker_main.STATUS_OK:
-                    future.set_result((payload, compute_s))
-                else:
-                    future.set_exception(PredictionFailed(payload))
-        except (asyncio.IncompleteReadError, ConnectionError, EOFError):
-            pass
-        finally:
-            self._on_exit(worker)
 
     def _on_exit(self, worker: _Worker) -> None:
         was_live = worker in self._live
         if was_live:
             self._live.remove(worker)
-        worker.fail_pending()
-        worker.writer.close()
         if self._closing or not was_live:
             return  # a worker that never went live is retried by whoever was starting it
         log.error("worker %d (pid %s) died; restarting it", worker.index, worker.pid)
@@ -252,13 +271,11 @@ class WorkerPool:
             task.cancel()
         workers = list(self._workers.values())
         for w in workers:
-            w.writer.close()
+            w.close()
         for w in workers:
             await asyncio.to_thread(w.process.join, timeout_s)
             if w.process.is_alive():
                 log.warning("worker %d did not exit in %.0fs; killing it", w.index, timeout_s)
                 w.process.kill()
                 await asyncio.to_thread(w.process.join, 5)
-            if w.reader_task is not None:
-                await asyncio.gather(w.reader_task, return_exceptions=True)
         self._live.clear()

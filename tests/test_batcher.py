@@ -55,7 +55,7 @@ def within(seconds: float = 30.0) -> float:
 
 async def occupy_slot(batcher: Batcher, runner: GatedRunner) -> asyncio.Task[BatchResult]:
     """Submit one request and wait until its batch holds the only slot (the gate is closed)."""
-    task = asyncio.create_task(batcher.submit(rows(-1), within()))
+    task = asyncio.ensure_future(batcher.submit(rows(-1), within()))
     await asyncio.wait_for(runner.started.wait(), 5)
     return task
 
@@ -89,9 +89,9 @@ async def test_delay_window_is_measured_from_first_enqueue() -> None:
     batcher = make(runner, max_batch_size=100, max_delay_ms=400)
     loop = asyncio.get_running_loop()
     started = loop.time()
-    first = asyncio.create_task(batcher.submit(rows(1), within()))
+    first = asyncio.ensure_future(batcher.submit(rows(1), within()))
     await asyncio.sleep(0.3)
-    second = asyncio.create_task(batcher.submit(rows(2), within()))
+    second = asyncio.ensure_future(batcher.submit(rows(2), within()))
     await asyncio.wait_for(asyncio.gather(first, second), 5)
     # One batch holding both, closed 400 ms after the FIRST arrival, not 400 ms after the second.
     assert runner.sizes == [2]
@@ -103,7 +103,7 @@ async def test_queue_larger_than_one_batch_is_drained_in_full_batches() -> None:
     runner = GatedRunner(gated=True)
     batcher = make(runner, max_batch_size=4, max_inflight=1)
     blocker = await occupy_slot(batcher, runner)
-    waiting = [asyncio.create_task(batcher.submit(rows(i), within())) for i in range(10)]
+    waiting = [asyncio.ensure_future(batcher.submit(rows(i), within())) for i in range(10)]
     await settle()
     assert batcher.queue_depth == 10
     runner.gate.set()
@@ -117,8 +117,8 @@ async def test_request_split_across_batches_is_reassembled_in_order() -> None:
     runner = GatedRunner(gated=True)
     batcher = make(runner, max_batch_size=4)
     blocker = await occupy_slot(batcher, runner)
-    small = asyncio.create_task(batcher.submit(rows(100), within()))
-    big = asyncio.create_task(batcher.submit(rows(*range(9)), within()))
+    small = asyncio.ensure_future(batcher.submit(rows(100), within()))
+    big = asyncio.ensure_future(batcher.submit(rows(*range(9)), within()))
     await settle()
     runner.gate.set()
     await asyncio.wait_for(asyncio.gather(blocker, small, big), 5)
@@ -134,7 +134,7 @@ async def test_cancelled_caller_is_skipped_while_batch_mates_resolve() -> None:
     # Room for two: the cancelled caller must not take the place of a live one.
     batcher = make(runner, max_batch_size=2)
     blocker = await occupy_slot(batcher, runner)
-    first, gone, last = (asyncio.create_task(batcher.submit(rows(v), within())) for v in (1, 2, 3))
+    first, gone, last = (asyncio.ensure_future(batcher.submit(rows(v), within())) for v in (1, 2, 3))
     await settle()
     gone.cancel()
     await settle()
@@ -149,7 +149,7 @@ async def test_cancelled_caller_is_skipped_while_batch_mates_resolve() -> None:
 async def test_caller_cancelled_while_its_batch_runs_does_not_break_batch_mates() -> None:
     runner = GatedRunner(gated=True)
     batcher = make(runner, max_batch_size=8)
-    mates = [asyncio.create_task(batcher.submit(rows(v), within())) for v in (1, 2, 3)]
+    mates = [asyncio.ensure_future(batcher.submit(rows(v), within())) for v in (1, 2, 3)]
     await asyncio.wait_for(runner.started.wait(), 5)
     assert runner.sizes == [3]
     mates[1].cancel()
@@ -164,7 +164,7 @@ async def test_output_length_mismatch_fails_every_caller_of_that_batch() -> None
     runner = GatedRunner(gated=True, output=lambda batch: batch[1:, 0])
     batcher = make(runner, max_batch_size=8)
     blocker = await occupy_slot(batcher, runner)
-    mates = [asyncio.create_task(batcher.submit(rows(v), within())) for v in (1, 2)]
+    mates = [asyncio.ensure_future(batcher.submit(rows(v), within())) for v in (1, 2)]
     await settle()
     runner.gate.set()
     outcomes = await asyncio.gather(blocker, *mates, return_exceptions=True)
@@ -177,8 +177,8 @@ async def test_failure_during_assembly_fails_only_its_batch() -> None:
     runner = GatedRunner(gated=True)
     batcher = make(runner, max_batch_size=8)
     blocker = await occupy_slot(batcher, runner)
-    narrow = asyncio.create_task(batcher.submit([[0.0, 0.0]], within()))
-    wide = asyncio.create_task(batcher.submit([[0.0, 0.0, 0.0]], within()))
+    narrow = asyncio.ensure_future(batcher.submit([[0.0, 0.0]], within()))
+    wide = asyncio.ensure_future(batcher.submit([[0.0, 0.0, 0.0]], within()))
     await settle()
     runner.gate.set()
     await blocker
@@ -210,7 +210,7 @@ async def test_close_with_pending_items_fails_them_and_finishes_running_batches(
     runner = GatedRunner(gated=True)
     batcher = make(runner, max_batch_size=8)
     running = await occupy_slot(batcher, runner)
-    queued = [asyncio.create_task(batcher.submit(rows(v), within())) for v in (1, 2)]
+    queued = [asyncio.ensure_future(batcher.submit(rows(v), within())) for v in (1, 2)]
     await settle()
     closing = asyncio.create_task(batcher.close())
     await settle()
@@ -228,7 +228,7 @@ async def test_full_queue_rejects_at_once() -> None:
     runner = GatedRunner(gated=True)
     batcher = make(runner, max_queue=2)
     blocker = await occupy_slot(batcher, runner)
-    queued = [asyncio.create_task(batcher.submit(rows(v), within())) for v in (1, 2)]
+    queued = [asyncio.ensure_future(batcher.submit(rows(v), within())) for v in (1, 2)]
     await settle()
     with pytest.raises(QueueFull):
         await batcher.submit(rows(3), within())
@@ -241,8 +241,8 @@ async def test_deadline_passed_while_queued_is_dropped_before_the_batch_runs() -
     runner = GatedRunner(gated=True)
     batcher = make(runner, max_batch_size=8)
     blocker = await occupy_slot(batcher, runner)
-    doomed = asyncio.create_task(batcher.submit(rows(1), within(0.05)))
-    kept = asyncio.create_task(batcher.submit(rows(2), within()))
+    doomed = asyncio.ensure_future(batcher.submit(rows(1), within(0.05)))
+    kept = asyncio.ensure_future(batcher.submit(rows(2), within()))
     with pytest.raises(DeadlineExceeded):
         await asyncio.wait_for(doomed, 5)
     runner.gate.set()
@@ -265,8 +265,8 @@ async def test_deadline_bounds_the_wait_while_the_batch_runs() -> None:
 async def test_earlier_deadline_behind_a_later_one_still_expires_on_time() -> None:
     runner = GatedRunner(gated=True)
     batcher = make(runner, max_batch_size=8)
-    patient = asyncio.create_task(batcher.submit(rows(1), within(30)))
-    hasty = asyncio.create_task(batcher.submit(rows(2), within(0.1)))
+    patient = asyncio.ensure_future(batcher.submit(rows(1), within(30)))
+    hasty = asyncio.ensure_future(batcher.submit(rows(2), within(0.1)))
     with pytest.raises(DeadlineExceeded):
         await asyncio.wait_for(hasty, 2)
     runner.gate.set()
@@ -302,7 +302,7 @@ async def test_observers_hear_every_batch_and_each_request_once() -> None:
         on_queued=queue_times.append,
     )
     blocker = await occupy_slot(batcher, runner)
-    split = asyncio.create_task(batcher.submit(rows(*range(6)), within()))
+    split = asyncio.ensure_future(batcher.submit(rows(*range(6)), within()))
     await asyncio.sleep(0.05)
     runner.gate.set()
     await asyncio.wait_for(asyncio.gather(blocker, split), 5)
@@ -326,7 +326,7 @@ async def test_deadline_holds_while_a_batch_collects_mates_and_then_runs() -> No
 
 async def test_close_while_a_batch_collects_mates_fails_its_requests() -> None:
     batcher = make(GatedRunner(), max_batch_size=100, max_delay_ms=10_000)
-    waiting = asyncio.create_task(batcher.submit(rows(1), within()))
+    waiting = asyncio.ensure_future(batcher.submit(rows(1), within()))
     await settle()
     await batcher.close()
     with pytest.raises(ShuttingDown):

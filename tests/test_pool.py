@@ -62,6 +62,17 @@ async def test_predictions_equal_the_offline_model(pool: WorkerPool, specs: dict
         assert compute_s > 0
 
 
+async def test_replies_split_over_reads_or_sharing_one_reach_their_callers(pool: WorkerPool) -> None:
+    """A reply far larger than one socket read, and many small replies arriving together, each go
+    whole to their own caller."""
+    big = np.arange(400_000, dtype=np.float64).reshape(-1, 4)  # an 800 KB reply
+    calls = [pool.predict("crashing:v1", big)]
+    calls += [pool.predict("crashing:v1", np.full((1, 4), float(i))) for i in range(50)]
+    results = await asyncio.wait_for(asyncio.gather(*calls), 30)
+    assert np.array_equal(results[0][0], big[:, 0] * 2)
+    assert [list(out) for out, _ in results[1:]] == [[2.0 * i] for i in range(50)]
+
+
 async def test_batches_spread_over_workers(pool: WorkerPool) -> None:
     started = asyncio.get_running_loop().time()
     results = await asyncio.gather(*(pool.predict("slow:v1", np.full((1, 4), float(i))) for i in range(2)))
