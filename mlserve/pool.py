@@ -9,6 +9,7 @@ replacement is started and given every loaded model before it takes work.
 from __future__ import annotations
 
 import asyncio
+import functools
 import itertools
 import logging
 import multiprocessing
@@ -33,36 +34,52 @@ class WorkerDied(Exception):
     """The worker exited with this call in flight; the pool decides whether to retry."""
 
 
-class _Worker(asyncio.Protocol):
-    """One worker process and its end of the socket: frames out, replies resolved as they arrive.
+OnReply = Callable[[int, Any, float], None]
+"""Hears a call's reply: ``(status, payload, compute seconds)``; ``STATUS_DIED`` if the worker died first."""
 
-    A protocol rather than a stream and a reader task: a reply resolves its caller's future straight
-    from ``data_received``, without waking a task and awaiting two reads a frame.
+STATUS_DIED = -1
+
+
+def _settle(future: asyncio.Future[tuple[Any, float]], status: int, payload: Any, compute_s: float) -> None:
+    if future.done():
+        return
+    if status == worker_main.STATUS_OK:
+        future.set_result((payload, compute_s))
+    elif status == STATUS_DIED:
+        future.set_exception(WorkerDied(payload))
+    else:
+        future.set_exception(PredictionFailed(payload))
+
+
+class _Worker(asyncio.Protocol):
+    """One worker process and its end of the socket: frames out, each reply handed to its caller.
+
+    A protocol rather than a stream and a reader task: ``data_received`` hands a reply to its
+    caller's callback at once, without waking a task that awaits two reads a frame.
     """
 
     def __init__(self, index: int, process: Any, on_exit: Callable[[_Worker], None]) -> None:
         self.index = index
         self.process = process
         self.pid: int = process.pid
-        self.pending: dict[int, asyncio.Future[tuple[Any, float]]] = {}
+        self.pending: dict[int, OnReply] = {}
         self.loaded: set[str] = set()
         self.alive = True
         self.transport: asyncio.Transport | None = None
         self._on_exit = on_exit
         self._buffer = bytearray()
 
-    def expect(self, request_id: int) -> asyncio.Future[tuple[Any, float]]:
-        future: asyncio.Future[tuple[Any, float]] = asyncio.get_running_loop().create_future()
-        self.pending[request_id] = future
-        return future
-
-    async def call(self, request_id: int, op: int, arg: Any, extra: Any = None) -> tuple[Any, float]:
+    def send(self, request_id: int, op: int, arg: Any, extra: Any, on_reply: OnReply) -> None:
         if not self.alive or self.transport is None:
             raise WorkerDied(f"worker {self.index} is gone")
-        future = self.expect(request_id)
+        self.pending[request_id] = on_reply
+        payload = worker_main.encode((op, request_id, arg, extra))
+        self.transport.write(worker_main.HEADER.pack(len(payload)) + payload)
+
+    async def call(self, request_id: int, op: int, arg: Any, extra: Any = None) -> tuple[Any, float]:
+        future: asyncio.Future[tuple[Any, float]] = asyncio.get_running_loop().create_future()
+        self.send(request_id, op, arg, extra, functools.partial(_settle, future))
         try:
-            payload = worker_main.encode((op, request_id, arg, extra))
-            self.transport.write(worker_main.HEADER.pack(len(payload)) + payload)
             return await future
         finally:
             self.pending.pop(request_id, None)
@@ -81,27 +98,20 @@ class _Worker(asyncio.Protocol):
                 end = start + header + size
                 if len(buffer) < end:
                     break
-                self._resolve(pickle.loads(view[start + header : end]))
+                request_id, status, payload, compute_s = pickle.loads(view[start + header : end])
+                on_reply = self.pending.pop(request_id, None)
+                if on_reply is not None:
+                    on_reply(status, payload, compute_s)
                 start = end
         del buffer[:start]
 
-    def _resolve(self, reply: tuple[Any, ...]) -> None:
-        request_id, status, payload, compute_s = reply
-        future = self.pending.pop(request_id, None)
-        if future is None or future.done():
-            return
-        if status == worker_main.STATUS_OK:
-            future.set_result((payload, compute_s))
-        else:
-            future.set_exception(PredictionFailed(payload))
-
     def connection_lost(self, exc: Exception | None) -> None:
+        """Leave the pool first, then tell every caller: a retry must not pick this worker again."""
         self.alive = False
-        pending, self.pending = self.pending, {}
-        for future in pending.values():
-            if not future.done():
-                future.set_exception(WorkerDied(f"worker {self.index} (pid {self.pid}) died"))
         self._on_exit(self)
+        pending, self.pending = self.pending, {}
+        for on_reply in pending.values():
+            on_reply(STATUS_DIED, f"worker {self.index} (pid {self.pid}) died", 0.0)
 
     def close(self) -> None:
         if self.transport is not None:
@@ -152,7 +162,8 @@ class WorkerPool:
         finally:
             child_sock.close()
         worker = _Worker(index, process, self._on_exit)
-        hello = worker.expect(worker_main.HELLO_ID)
+        hello: asyncio.Future[tuple[Any, float]] = asyncio.get_running_loop().create_future()
+        worker.pending[worker_main.HELLO_ID] = functools.partial(_settle, hello)
         try:
             await asyncio.get_running_loop().create_unix_connection(lambda: worker, sock=parent_sock)
             pid, _ = await asyncio.wait_for(hello, self._start_timeout_s)
@@ -245,15 +256,34 @@ class WorkerPool:
         for w in workers:
             w.loaded.discard(key)
 
-    async def predict(self, key: str, rows: np.ndarray | list[bytes]) -> tuple[Any, float]:
-        """Run one batch; a worker that dies under it costs one retry on another worker."""
-        for _ in range(2):
+    def predict(self, key: str, rows: np.ndarray | list[bytes]) -> asyncio.Future[tuple[Any, float]]:
+        """Run one batch; a worker that dies under it costs one retry on another worker.
+
+        Returns a future that the worker's reply resolves directly: a coroutine here meant a task a
+        batch and a chain of frames to resume, measured at 2-4% of the cheap model's throughput.
+        """
+        result: asyncio.Future[tuple[Any, float]] = asyncio.get_running_loop().create_future()
+        self._send_batch(key, rows, result, retries=1)
+        return result
+
+    def _send_batch(
+        self, key: str, rows: np.ndarray | list[bytes], result: asyncio.Future[tuple[Any, float]], retries: int
+    ) -> None:
+        def on_reply(status: int, payload: Any, compute_s: float) -> None:
+            if status != STATUS_DIED or result.done():
+                _settle(result, status, payload, compute_s)
+            elif retries:
+                self._send_batch(key, rows, result, retries - 1)
+            else:
+                result.set_exception(WorkerUnavailable(f"the workers running a batch of {key} died; try again"))
+
+        try:
             worker = self._pick(key)
-            try:
-                return await worker.call(next(self._ids), worker_main.OP_PREDICT, key, rows)
-            except WorkerDied:
-                continue
-        raise WorkerUnavailable(f"the workers running a batch of {key} died; try again")
+            worker.send(next(self._ids), worker_main.OP_PREDICT, key, rows, on_reply)
+        except WorkerUnavailable as exc:
+            result.set_exception(exc)
+        except WorkerDied as exc:
+            on_reply(STATUS_DIED, str(exc), 0.0)
 
     def _pick(self, key: str) -> _Worker:
         best: _Worker | None = None

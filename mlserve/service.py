@@ -149,19 +149,18 @@ class ModelService:
             name=spec.key,
             on_batch=served.batch_rows.observe,
             on_queued=served.queue_time.observe,
+            on_computed=served.compute_time.observe,
         )
         served.state = "ready"
         log.info("loaded %s (%s)", spec.key, spec.metadata.framework)
 
-    def _runner(self, served: ServedVersion):  # type: ignore[no-untyped-def]
-        key, pool, compute_time = served.spec.key, self._pool, served.compute_time
+    def _runner(self, served: ServedVersion) -> Callable[[Rows], asyncio.Future[tuple[Any, float]]]:
+        key, pool = served.spec.key, self._pool
         # An image model's rows are encoded images that its worker decodes; feature rows stack here.
         prepare = _unchanged if served.takes_images else _stacker(served.row_shape)
 
-        async def run_batch(rows: Rows) -> tuple[Any, float]:
-            outputs, compute_s = await pool.predict(key, prepare(rows))
-            compute_time.observe(compute_s)
-            return outputs, compute_s
+        def run_batch(rows: Rows) -> asyncio.Future[tuple[Any, float]]:
+            return pool.predict(key, prepare(rows))
 
         return run_batch
 

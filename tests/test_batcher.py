@@ -84,6 +84,19 @@ async def test_full_batch_closes_without_waiting_for_the_delay() -> None:
     await batcher.close()
 
 
+async def test_batch_filled_while_its_delay_window_is_open_goes_at_once() -> None:
+    runner = GatedRunner()
+    batcher = make(runner, max_batch_size=4, max_delay_ms=60_000)
+    first = asyncio.ensure_future(batcher.submit(rows(0), within()))
+    await settle()
+    assert runner.sizes == [], "one row waits for mates"
+    rest = [batcher.submit(rows(i), within()) for i in (1, 2, 3)]
+    results = await asyncio.wait_for(asyncio.gather(first, *rest), 5)
+    assert [r.values for r in results] == [[0.0], [10.0], [20.0], [30.0]]
+    assert runner.sizes == [4]
+    await batcher.close()
+
+
 async def test_delay_window_is_measured_from_first_enqueue() -> None:
     runner = GatedRunner()
     batcher = make(runner, max_batch_size=100, max_delay_ms=400)
@@ -184,12 +197,12 @@ async def test_failure_during_assembly_fails_only_its_batch() -> None:
     await blocker
     outcomes = await asyncio.gather(narrow, wide, return_exceptions=True)
     assert all(isinstance(o, ValueError) for o in outcomes), outcomes
-    # The collector survived: the next request is served.
+    # The batcher survived: the next request is served.
     assert (await asyncio.wait_for(batcher.submit(rows(5), within()), 5)).values == [50.0]
     await batcher.close()
 
 
-async def test_run_batch_error_fails_its_callers_and_the_collector_survives() -> None:
+async def test_run_batch_error_fails_its_callers_and_the_batcher_survives() -> None:
     calls = 0
 
     async def flaky(batch: list[list[float]]) -> tuple[object, float]:

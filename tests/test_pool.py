@@ -83,7 +83,7 @@ async def test_batches_spread_over_workers(pool: WorkerPool) -> None:
 
 async def test_killed_worker_is_replaced_and_its_batch_retried(pool: WorkerPool) -> None:
     pids_before = set(pool.worker_pids())
-    in_flight = asyncio.create_task(pool.predict("slow:v1", np.full((1, 4), 21.0)))
+    in_flight = asyncio.ensure_future(pool.predict("slow:v1", np.full((1, 4), 21.0)))
     await asyncio.sleep(0.3)
     busy = [w for w in pool._live if w.pending]
     assert len(busy) == 1
