@@ -5,6 +5,14 @@ while every slot is busy pile up, and the batch that the next free slot takes ho
 ``max_batch_size`` rows: batches grow with load by themselves, and at one client nothing waits
 (eager dispatch). ``max_delay_ms`` only makes a small batch wait for mates while a slot is free.
 
+While a batch runs, the next one waits for it to come back (and then takes everything queued), to
+fill up, or for the running batch to be ``overlap_after_ms`` old; only then does it go to another
+worker beside it. A second batch in flight pays off only when the model's compute is the
+bottleneck; for a cheap model it halves the batches and doubles the worker wake-ups, each costing
+the front end tens of microseconds. Measured on the logistic regression at 64 connections: 1,420
+-> 900 batches/s, worker CPU 32% -> 16%, +3.8% throughput, same p99; the forest, whose batches run
+17 ms, still keeps both workers busy.
+
 There is no collector task. A request that finds a slot free schedules one flush at the end of the
 loop iteration it arrived in, so every request of that iteration shares the batch; a batch that
 finishes frees its slot and sends the next batch from its own callback. A task and an event wake-up
@@ -102,6 +110,7 @@ class Batcher:
         max_delay_ms: float,
         max_queue: int,
         max_inflight: int,
+        overlap_after_ms: float = 0.0,
         name: str = "batcher",
         on_batch: Callable[[int], None] | None = None,
         on_queued: Callable[[float], None] | None = None,
@@ -112,6 +121,7 @@ class Batcher:
         self._run_batch = run_batch
         self._max_batch_size = max_batch_size
         self._max_delay_s = max_delay_ms / 1000.0
+        self._overlap_after_s = overlap_after_ms / 1000.0
         self._max_queue = max_queue
         self._name = name
         self._on_batch = on_batch
@@ -122,7 +132,8 @@ class Batcher:
         self._queued_rows = 0
         """Rows queued and not yet taken into a batch (those of requests already given up included)."""
         self._free_slots = max_inflight
-        self._running: dict[asyncio.Future[tuple[Any, float]], tuple[_Request, ...]] = {}
+        self._running: dict[asyncio.Future[tuple[Any, float]], tuple[float, tuple[_Request, ...]]] = {}
+        """Each running batch: when it was sent, and its requests."""
         self._flush: asyncio.Handle | None = None
         """The pending flush: at the end of this loop iteration, or when a delay window closes."""
         self._flush_timed = False
@@ -163,36 +174,39 @@ class Batcher:
         return future
 
     def _flush_soon(self) -> None:
-        """Flush at the end of this loop iteration, closing a delay window the batch has filled."""
+        """Flush at the end of this loop iteration, ending a wait that the batch has made pointless."""
         if self._flush is not None:
             self._flush.cancel()
         self._flush_timed = False
         self._flush = self._loop.call_soon(self._send_batches)
 
     def _send_batches(self) -> None:
-        """Send batches while a slot is free and requests wait, unless a delay window holds them."""
+        """Send batches while a slot is free and requests wait, unless the next batch must wait."""
         self._flush = None
         while self._free_slots and self._queue:
-            if self._max_delay_s > 0:
-                close_at = self._window_closes()
-                if close_at is not None:
-                    self._flush_timed = True
-                    self._flush = self._loop.call_at(close_at, self._send_batches)
-                    return
+            goes_at = self._batch_goes_at()
+            if goes_at is not None:
+                self._flush_timed = True
+                self._flush = self._loop.call_at(goes_at, self._send_batches)
+                return
             entries = self._drain()
             if entries:
                 self._dispatch(entries)
 
-    def _window_closes(self) -> float | None:
-        """When a batch short of ``max_batch_size`` rows must go: ``max_delay_ms`` after its first
-        live request arrived. None when it should go now."""
+    def _batch_goes_at(self) -> float | None:
+        """When a batch short of ``max_batch_size`` rows may go, or None for now: ``max_delay_ms``
+        after its first live request arrived, and ``overlap_after_ms`` after the oldest running
+        batch was sent."""
         if self._queued_rows >= self._max_batch_size:
             return None
-        first = next((request for request in self._queue if not request.future.done()), None)
-        if first is None:
-            return None
-        close_at = first.arrival + self._max_delay_s
-        return close_at if close_at > self._loop.time() else None
+        goes_at = 0.0
+        if self._running and self._overlap_after_s > 0:
+            goes_at = min(sent for sent, _ in self._running.values()) + self._overlap_after_s
+        if self._max_delay_s > 0:
+            first = next((request for request in self._queue if not request.future.done()), None)
+            if first is not None:
+                goes_at = max(goes_at, first.arrival + self._max_delay_s)
+        return goes_at if goes_at > self._loop.time() else None
 
     def _arm_sweep(self, when: float) -> None:
         if self._sweep is not None:
@@ -205,7 +219,8 @@ class Batcher:
         self._sweep, self._sweep_at = None, math.inf
         now = self._loop.time() + _DEADLINE_SLACK_S
         earliest = math.inf
-        for request in itertools.chain(self._queue, itertools.chain.from_iterable(self._running.values())):
+        running = (request for _, requests in self._running.values() for request in requests)
+        for request in itertools.chain(self._queue, running):
             if request.future.done():
                 continue
             if request.deadline <= now:
@@ -255,7 +270,7 @@ class Batcher:
             _fail(entries, exc)
             return
         self._free_slots -= 1
-        self._running[running] = tuple(request for request, _, _ in entries)
+        self._running[running] = (dispatched, tuple(request for request, _, _ in entries))
         running.add_done_callback(functools.partial(self._finish, entries, dispatched))
 
     def _finish(

@@ -146,6 +146,7 @@ class ModelService:
             max_delay_ms=knobs.max_delay_ms,
             max_queue=knobs.max_queue,
             max_inflight=knobs.max_inflight or self._pool.size,
+            overlap_after_ms=knobs.overlap_after_ms,
             name=spec.key,
             on_batch=served.batch_rows.observe,
             on_queued=served.queue_time.observe,

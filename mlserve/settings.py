@@ -34,13 +34,16 @@ class BatchingSettings(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
 
     ``max_batch_size`` counts rows, not requests. ``max_delay_ms`` only makes a small batch wait for
     mates while a worker slot is free; 0 means eager dispatch. ``max_queue`` counts queued requests.
-    ``max_inflight`` defaults to the number of workers.
+    ``max_inflight`` defaults to the number of workers. ``overlap_after_ms``: how long a running
+    batch has the workers to itself before a batch that is not full may run beside it; 0 sends a
+    batch whenever a slot is free.
     """
 
     max_batch_size: PositiveInt = 64
     max_delay_ms: NonNegativeFloat = 0.0
     max_queue: PositiveInt = 2048
     max_inflight: PositiveInt | None = None
+    overlap_after_ms: NonNegativeFloat = 2.0
 
 
 def _check_batching(knobs: Mapping[str, float]) -> None:

@@ -112,6 +112,52 @@ async def test_delay_window_is_measured_from_first_enqueue() -> None:
     await batcher.close()
 
 
+async def test_next_batch_waits_for_the_running_one_until_it_is_overdue() -> None:
+    runner = GatedRunner(gated=True)
+    batcher = make(runner, max_batch_size=4, max_inflight=2, overlap_after_ms=300)
+    loop = asyncio.get_running_loop()
+    running = await occupy_slot(batcher, runner)
+    sent = loop.time()
+    second = asyncio.ensure_future(batcher.submit(rows(1), within()))
+    await asyncio.sleep(0.1)
+    assert runner.sizes == [1], "a slot is free, but the running batch is not overdue yet"
+    while len(runner.sizes) < 2:
+        await asyncio.sleep(0.01)
+    assert loop.time() - sent >= 0.29
+    full = [asyncio.ensure_future(batcher.submit(rows(v), within())) for v in (2, 3, 4, 5)]
+    await settle()
+    assert runner.sizes == [1, 1], "no slot free"
+    runner.gate.set()
+    await asyncio.wait_for(asyncio.gather(running, second, *full), 5)
+    await batcher.close()
+
+
+async def test_full_batch_runs_beside_a_running_one_at_once() -> None:
+    runner = GatedRunner(gated=True)
+    batcher = make(runner, max_batch_size=4, max_inflight=2, overlap_after_ms=60_000)
+    running = await occupy_slot(batcher, runner)
+    full = [asyncio.ensure_future(batcher.submit(rows(v), within())) for v in (1, 2, 3, 4)]
+    await settle()
+    assert runner.sizes == [1, 4]
+    runner.gate.set()
+    await asyncio.wait_for(asyncio.gather(running, *full), 5)
+    await batcher.close()
+
+
+async def test_returning_batch_sends_everything_queued_behind_it() -> None:
+    runner = GatedRunner(gated=True)
+    batcher = make(runner, max_batch_size=8, max_inflight=2, overlap_after_ms=60_000)
+    running = await occupy_slot(batcher, runner)
+    queued = [asyncio.ensure_future(batcher.submit(rows(v), within())) for v in (1, 2, 3)]
+    await settle()
+    assert runner.sizes == [1]
+    runner.gate.set()
+    results = await asyncio.wait_for(asyncio.gather(running, *queued), 5)
+    assert runner.sizes == [1, 3]
+    assert [r.values for r in results[1:]] == [[10.0], [20.0], [30.0]]
+    await batcher.close()
+
+
 async def test_queue_larger_than_one_batch_is_drained_in_full_batches() -> None:
     runner = GatedRunner(gated=True)
     batcher = make(runner, max_batch_size=4, max_inflight=1)
