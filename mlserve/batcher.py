@@ -10,8 +10,8 @@ fill up, or for the running batch to be ``overlap_after_ms`` old; only then does
 worker beside it. A second batch in flight pays off only when the model's compute is the
 bottleneck; for a cheap model it halves the batches and doubles the worker wake-ups, each costing
 the front end tens of microseconds. Measured on the logistic regression at 64 connections: 1,420
--> 900 batches/s, worker CPU 32% -> 16%, +3.8% throughput, same p99; the forest, whose batches run
-17 ms, still keeps both workers busy.
+-> 950 batches/s, worker CPU 30% -> 16%, +2-4% throughput, p99 no worse; the forest, whose batches
+run 17 ms, still keeps both workers busy.
 
 There is no collector task. A request that finds a slot free schedules one flush at the end of the
 loop iteration it arrived in, so every request of that iteration shares the batch; a batch that
