@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import functools
 import itertools
 import logging
 import math
@@ -99,6 +98,18 @@ class _Request(msgspec.Struct):
             self.future.set_result(BatchResult(merged, self.compute_s))
 
 
+Entries = list[tuple[_Request, int, int]]
+"""A batch's requests, each with the slice of its rows ``[start, stop)`` that the batch carries."""
+
+
+class _Batch(msgspec.Struct):
+    """A running batch: what the deadline sweep, the overlap rule and the fan-out need of it."""
+
+    entries: Entries
+    size: int
+    sent: float
+
+
 def _expire(future: asyncio.Future[BatchResult]) -> None:
     if not future.done():
         future.set_exception(DeadlineExceeded("the request's deadline passed before its prediction was ready"))
@@ -135,11 +146,9 @@ class Batcher:
         self._queued_rows = 0
         """Rows queued and not yet taken into a batch (those of requests already given up included)."""
         self._free_slots = max_inflight
-        self._running: dict[asyncio.Future[tuple[Any, float]], tuple[float, tuple[_Request, ...]]] = {}
-        """Each running batch: when it was sent, and its requests."""
+        self._running: dict[asyncio.Future[tuple[Any, float]], _Batch] = {}
         self._flush: asyncio.Handle | None = None
-        """The pending flush: at the end of this loop iteration, or when a delay window closes."""
-        self._flush_timed = False
+        """The pending flush: at the end of this loop iteration, or (a timer) when a wait ends."""
         self._sweep_at = math.inf
         self._sweep: asyncio.TimerHandle | None = None
         self._closed = False
@@ -169,7 +178,8 @@ class Batcher:
         self._queue.append(_Request(rows, future, deadline, now))
         self._queued_rows += len(rows)
         if self._free_slots and (
-            self._flush is None or (self._flush_timed and self._queued_rows >= self._max_batch_size)
+            self._flush is None
+            or (isinstance(self._flush, asyncio.TimerHandle) and self._queued_rows >= self._max_batch_size)
         ):
             self._flush_soon()
         if deadline < self._sweep_at:
@@ -180,7 +190,6 @@ class Batcher:
         """Flush at the end of this loop iteration, ending a wait that the batch has made pointless."""
         if self._flush is not None:
             self._flush.cancel()
-        self._flush_timed = False
         self._flush = self._loop.call_soon(self._send_batches)
 
     def _send_batches(self) -> None:
@@ -189,7 +198,6 @@ class Batcher:
         while self._free_slots and self._queue:
             goes_at = self._batch_goes_at()
             if goes_at is not None:
-                self._flush_timed = True
                 self._flush = self._loop.call_at(goes_at, self._send_batches)
                 return
             entries = self._drain()
@@ -204,7 +212,7 @@ class Batcher:
             return None
         goes_at = 0.0
         if self._running and self._overlap_after_s > 0:
-            goes_at = min(sent for sent, _ in self._running.values()) + self._overlap_after_s
+            goes_at = min(batch.sent for batch in self._running.values()) + self._overlap_after_s
         if self._max_delay_s > 0:
             first = next((request for request in self._queue if not request.future.done()), None)
             if first is not None:
@@ -222,7 +230,7 @@ class Batcher:
         self._sweep, self._sweep_at = None, math.inf
         now = self._loop.time() + _DEADLINE_SLACK_S
         earliest = math.inf
-        running = (request for _, requests in self._running.values() for request in requests)
+        running = (request for batch in self._running.values() for request, _, _ in batch.entries)
         for request in itertools.chain(self._queue, running):
             if request.future.done():
                 continue
@@ -233,9 +241,9 @@ class Batcher:
         if earliest < math.inf:
             self._arm_sweep(earliest)
 
-    def _drain(self) -> list[tuple[_Request, int, int]]:
+    def _drain(self) -> Entries:
         """Take queued rows up to the batch budget; drop the dead on the way."""
-        entries: list[tuple[_Request, int, int]] = []
+        entries: Entries = []
         queue = self._queue
         now = self._loop.time()
         room = self._max_batch_size
@@ -256,7 +264,7 @@ class Batcher:
             room -= stop - start
         return entries
 
-    def _dispatch(self, entries: list[tuple[_Request, int, int]]) -> None:
+    def _dispatch(self, entries: Entries) -> None:
         if len(entries) == 1:
             request, start, stop = entries[0]
             rows = request.rows if stop - start == len(request.rows) else request.rows[start:stop]
@@ -266,43 +274,32 @@ class Batcher:
                 rows += request.rows[start:stop]
         if self._on_batch is not None:
             self._on_batch(len(rows))
-        dispatched = self._loop.time()
+        sent = self._loop.time()
         try:
             running = asyncio.ensure_future(self._run_batch(rows))
         except Exception as exc:  # assembling the batch failed (rows that do not stack, say)
             _fail(entries, exc)
             return
         self._free_slots -= 1
-        self._running[running] = (dispatched, tuple(request for request, _, _ in entries))
-        running.add_done_callback(functools.partial(self._finish, entries, len(rows), dispatched))
+        self._running[running] = _Batch(entries, len(rows), sent)
+        running.add_done_callback(self._finish)
 
-    def _finish(
-        self,
-        entries: list[tuple[_Request, int, int]],
-        size: int,
-        dispatched: float,
-        running: asyncio.Future[tuple[Any, float]],
-    ) -> None:
+    def _finish(self, running: asyncio.Future[tuple[Any, float]]) -> None:
         """Hand a finished batch's outputs to its callers; the freed slot takes the next batch at once."""
-        del self._running[running]
+        batch = self._running.pop(running)
         self._free_slots += 1
         try:
-            self._deliver(entries, size, dispatched, running)
+            self._deliver(batch, running)
         except Exception as exc:
             log.exception("%s: a batch failed outside the model", self._name)
-            _fail(entries, PredictionFailed(f"batch failed: {type(exc).__name__}: {exc}"))
+            _fail(batch.entries, PredictionFailed(f"batch failed: {type(exc).__name__}: {exc}"))
         if self._queue and not self._closed:
             if self._flush is not None:
                 self._flush.cancel()
             self._send_batches()
 
-    def _deliver(
-        self,
-        entries: list[tuple[_Request, int, int]],
-        size: int,
-        dispatched: float,
-        running: asyncio.Future[tuple[Any, float]],
-    ) -> None:
+    def _deliver(self, batch: _Batch, running: asyncio.Future[tuple[Any, float]]) -> None:
+        entries = batch.entries
         if running.cancelled():
             _fail(entries, ShuttingDown("the batch was cancelled"))
             return
@@ -311,8 +308,8 @@ class Batcher:
             _fail(entries, error)
             return
         outputs, compute_s = running.result()
-        if len(outputs) != size:
-            _fail(entries, PredictionFailed(f"the model returned {len(outputs)} outputs for {size} rows"))
+        if len(outputs) != batch.size:
+            _fail(entries, PredictionFailed(f"the model returned {len(outputs)} outputs for {batch.size} rows"))
             return
         if self._on_computed is not None:
             self._on_computed(compute_s)
@@ -324,7 +321,7 @@ class Batcher:
             part = values[position : position + count]
             position += count
             if start == 0 and on_queued is not None:
-                on_queued(dispatched - request.arrival)
+                on_queued(batch.sent - request.arrival)
             if count == len(request.rows):
                 future = request.future
                 if not future.done():
@@ -348,7 +345,7 @@ class Batcher:
             await asyncio.wait(list(self._running), timeout=timeout_s)
 
 
-def _fail(entries: list[tuple[_Request, int, int]], exc: BaseException) -> None:
+def _fail(entries: Entries, exc: BaseException) -> None:
     for request, _, _ in entries:
         if not request.future.done():
             request.future.set_exception(exc)
