@@ -20,6 +20,7 @@ from typing import Any
 
 import numpy as np
 
+from mlserve import ipc
 from mlserve import worker as worker_main
 from mlserve.errors import PredictionFailed, WorkerUnavailable
 from mlserve.repository import ModelSpec
@@ -43,7 +44,7 @@ STATUS_DIED = -1
 def _settle(future: asyncio.Future[tuple[Any, float]], status: int, payload: Any, compute_s: float) -> None:
     if future.done():
         return
-    if status == worker_main.STATUS_OK:
+    if status == ipc.STATUS_OK:
         future.set_result((payload, compute_s))
     elif status == STATUS_DIED:
         future.set_exception(WorkerDied(payload))
@@ -69,20 +70,19 @@ class _Worker(asyncio.Protocol):
         self._on_exit = on_exit
         self._buffer = bytearray()
 
-    def send(self, request_id: int, op: int, arg: Any, extra: Any, on_reply: OnReply) -> None:
+    def send(self, message: ipc.Message, on_reply: OnReply) -> None:
         if not self.alive or self.transport is None:
             raise WorkerDied(f"worker {self.index} is gone")
-        self.pending[request_id] = on_reply
-        payload = worker_main.encode((op, request_id, arg, extra))
-        self.transport.write(worker_main.HEADER.pack(len(payload)) + payload)
+        self.pending[message.id] = on_reply
+        self.transport.write(ipc.frame(message))
 
-    async def call(self, request_id: int, op: int, arg: Any, extra: Any = None) -> tuple[Any, float]:
+    async def call(self, message: ipc.Message) -> tuple[Any, float]:
         future: asyncio.Future[tuple[Any, float]] = asyncio.get_running_loop().create_future()
-        self.send(request_id, op, arg, extra, functools.partial(_settle, future))
+        self.send(message, functools.partial(_settle, future))
         try:
             return await future
         finally:
-            self.pending.pop(request_id, None)
+            self.pending.pop(message.id, None)
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
@@ -90,18 +90,18 @@ class _Worker(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         buffer = self._buffer
         buffer += data
-        header = worker_main.HEADER.size
+        header = ipc.HEADER.size
         start = 0
         with memoryview(buffer) as view:
             while len(buffer) - start >= header:
-                (size,) = worker_main.HEADER.unpack_from(buffer, start)
+                (size,) = ipc.HEADER.unpack_from(buffer, start)
                 end = start + header + size
                 if len(buffer) < end:
                     break
-                request_id, status, payload, compute_s = pickle.loads(view[start + header : end])
-                on_reply = self.pending.pop(request_id, None)
+                reply: ipc.Reply = pickle.loads(view[start + header : end])
+                on_reply = self.pending.pop(reply.id, None)
                 if on_reply is not None:
-                    on_reply(status, payload, compute_s)
+                    on_reply(reply.status, reply.payload, reply.compute_s)
                 start = end
         del buffer[:start]
 
@@ -163,7 +163,7 @@ class WorkerPool:
             child_sock.close()
         worker = _Worker(index, process, self._on_exit)
         hello: asyncio.Future[tuple[Any, float]] = asyncio.get_running_loop().create_future()
-        worker.pending[worker_main.HELLO_ID] = functools.partial(_settle, hello)
+        worker.pending[ipc.HELLO_ID] = functools.partial(_settle, hello)
         try:
             await asyncio.get_running_loop().create_unix_connection(lambda: worker, sock=parent_sock)
             pid, _ = await asyncio.wait_for(hello, self._start_timeout_s)
@@ -229,30 +229,36 @@ class WorkerPool:
                 entry = self._specs.get(key)
                 if entry is None:
                     continue  # unloaded meanwhile
-                await worker.call(next(self._ids), worker_main.OP_LOAD, *entry)
+                await worker.call(ipc.Load(next(self._ids), *entry))
                 worker.loaded.add(key)
 
-    async def load(self, spec: ModelSpec, warmup_rows: list[int]) -> None:
-        """Load and warm ``spec`` on every worker; it may be used only once this returns."""
+    async def load(self, spec: ModelSpec, warmup_rows: list[int]) -> ipc.LoadTimes:
+        """Load and warm ``spec`` on every worker; it may be used only once this returns.
+
+        Returns the slowest worker's times. If any worker fails, the others drop the model again, so
+        a failed load leaves nothing behind.
+        """
         self._specs[spec.key] = (spec, warmup_rows)
         workers = list(self._live)
         results = await asyncio.gather(
-            *(w.call(next(self._ids), worker_main.OP_LOAD, spec, warmup_rows) for w in workers),
+            *(w.call(ipc.Load(next(self._ids), spec, warmup_rows)) for w in workers),
             return_exceptions=True,
         )
+        failure = next((r for r in results if isinstance(r, PredictionFailed)), None)
+        if failure is not None:
+            await self.unload(spec.key)
+            raise PredictionFailed(f"loading {spec.key} failed: {failure}")
+        times = [ipc.LoadTimes(0.0, 0.0)]
         for w, result in zip(workers, results):
-            if isinstance(result, PredictionFailed):
-                self._specs.pop(spec.key, None)
-                raise PredictionFailed(f"loading {spec.key} failed: {result}")
             if not isinstance(result, BaseException):
                 w.loaded.add(spec.key)
+                times.append(result[0])
+        return ipc.LoadTimes(max(t.load_s for t in times), max(t.warm_s for t in times))
 
     async def unload(self, key: str) -> None:
         self._specs.pop(key, None)
         workers = list(self._live)
-        await asyncio.gather(
-            *(w.call(next(self._ids), worker_main.OP_UNLOAD, key) for w in workers), return_exceptions=True
-        )
+        await asyncio.gather(*(w.call(ipc.Unload(next(self._ids), key)) for w in workers), return_exceptions=True)
         for w in workers:
             w.loaded.discard(key)
 
@@ -279,7 +285,7 @@ class WorkerPool:
 
         try:
             worker = self._pick(key)
-            worker.send(next(self._ids), worker_main.OP_PREDICT, key, rows, on_reply)
+            worker.send(ipc.Predict(next(self._ids), key, rows), on_reply)
         except WorkerUnavailable as exc:
             result.set_exception(exc)
         except WorkerDied as exc:
