@@ -13,13 +13,16 @@ from collections.abc import AsyncIterator
 
 from aiohttp import web
 
-from mlserve.api import health, models, predict
+from mlserve.api import admin, health, models, predict
 from mlserve.api.errors import add_fallback_route, guard
-from mlserve.api.keys import METRICS, POOL, SERVICE, SETTINGS
+from mlserve.api.keys import CONTROL, METRICS, POOL, REGISTRY, SERVICE, SETTINGS
+from mlserve.control import ControlPlane
 from mlserve.metrics import Metrics
 from mlserve.pool import WorkerPool
+from mlserve.registry import Registry
 from mlserve.service import ModelService
 from mlserve.settings import Settings
+from mlserve.state import open_store
 
 log = logging.getLogger(__name__)
 
@@ -31,11 +34,11 @@ async def _pool_ctx(app: web.Application) -> AsyncIterator[None]:
     await pool.close()
 
 
-async def _service_ctx(app: web.Application) -> AsyncIterator[None]:
-    service = app[SERVICE]
-    service.start_loading()
+async def _control_ctx(app: web.Application) -> AsyncIterator[None]:
+    control = app[CONTROL]
+    control.start()
     yield
-    await service.close(app[SETTINGS].shutdown_timeout_s)
+    await control.close(app[SETTINGS].shutdown_timeout_s)
 
 
 GC_YOUNG_THRESHOLD = 20_000
@@ -68,13 +71,20 @@ def create_app(settings: Settings) -> web.Application:
     app[SETTINGS] = settings
     app[METRICS] = Metrics()
     app[POOL] = WorkerPool(settings.worker_count, settings.worker_options, settings.worker_start_timeout_s)
-    app[SERVICE] = ModelService(settings, app[POOL], app[METRICS])
-    app[SERVICE].discover()
+    app[REGISTRY] = Registry()
+    app[CONTROL] = ControlPlane(settings, app[REGISTRY], app[POOL], open_store(settings), app[METRICS])
+    app[CONTROL].discover()
+    app[METRICS].on_scrape(app[CONTROL].refresh_gauges)
+    app[SERVICE] = ModelService(app[REGISTRY], settings.default_model)
+    if settings.admin_token is None and not settings.loopback_only:
+        log.warning("no admin token is set and the server listens on %s, beyond loopback: the admin routes "
+            "answer 403 until MLSERVE_ADMIN_TOKEN (or admin_token) is set", settings.host)
     app.cleanup_ctx.append(_pool_ctx)
-    app.cleanup_ctx.append(_service_ctx)
+    app.cleanup_ctx.append(_control_ctx)
     app.cleanup_ctx.append(_gc_ctx)
     predict.add_routes(app)
     models.add_routes(app)
+    admin.add_routes(app)
     health.add_routes(app)
     app.router.add_get("/metrics", guard(app[METRICS].handle), name="metrics")
     add_fallback_route(app)

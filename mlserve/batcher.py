@@ -152,6 +152,10 @@ class Batcher:
         self._sweep_at = math.inf
         self._sweep: asyncio.TimerHandle | None = None
         self._closed = False
+        self._refusal: str | None = None
+        """Why ``submit`` refuses new work (draining or closed); None while it takes work."""
+        self._idle: asyncio.Future[None] | None = None
+        """While draining: resolved once nothing is queued or running."""
 
     @property
     def queue_depth(self) -> int:
@@ -165,8 +169,8 @@ class Batcher:
         batcher is closed, rather than making the caller wait. The deadline is taken on the loop's
         monotonic clock, from this moment.
         """
-        if self._closed:
-            raise ShuttingDown("the server is shutting down")
+        if self._refusal is not None:
+            raise ShuttingDown(self._refusal)
         if len(self._queue) >= self._max_queue:
             raise QueueFull(f"{self._name}: queue is full ({self._max_queue} requests waiting)")
         if timeout_s <= 0:
@@ -203,6 +207,8 @@ class Batcher:
             entries = self._drain()
             if entries:
                 self._dispatch(entries)
+        if self._idle is not None:
+            self._note_idle()
 
     def _batch_goes_at(self) -> float | None:
         """When a batch short of ``max_batch_size`` rows may go, or None for now: ``max_delay_ms``
@@ -297,6 +303,28 @@ class Batcher:
             if self._flush is not None:
                 self._flush.cancel()
             self._send_batches()
+        elif self._idle is not None:
+            self._note_idle()
+
+    def _note_idle(self) -> None:
+        assert self._idle is not None
+        if not self._queue and not self._running and not self._idle.done():
+            self._idle.set_result(None)
+
+    async def drain(self, timeout_s: float, why: str) -> None:
+        """Refuse new work (``why`` says so), let what is queued or running finish, then close.
+
+        What is still unfinished after ``timeout_s`` fails as at shutdown. A request's own deadline
+        bounds how long it can wait, so a drain with the request timeout never cuts one off.
+        """
+        self._refusal = why
+        self._idle = self._loop.create_future()
+        self._note_idle()
+        try:
+            await asyncio.wait_for(asyncio.shield(self._idle), timeout_s)
+        except TimeoutError:
+            log.warning("%s: drain timed out after %.1fs; failing what is left", self._name, timeout_s)
+        await self.close(0)
 
     def _deliver(self, batch: _Batch, running: asyncio.Future[tuple[Any, float]]) -> None:
         entries = batch.entries
@@ -332,6 +360,7 @@ class Batcher:
     async def close(self, timeout_s: float = 10.0) -> None:
         """Refuse new work, fail what is still queued, and let running batches finish."""
         self._closed = True
+        self._refusal = self._refusal or "the server is shutting down"
         for handle in (self._sweep, self._flush):
             if handle is not None:
                 handle.cancel()
@@ -341,7 +370,7 @@ class Batcher:
         for request in unsent:
             if not request.future.done():
                 request.future.set_exception(ShuttingDown("the server shut down before this request ran"))
-        if self._running:
+        if self._running and timeout_s > 0:
             await asyncio.wait(list(self._running), timeout=timeout_s)
 
 

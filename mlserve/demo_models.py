@@ -1,7 +1,8 @@
 """The bundled demo models, trained from data that ships inside scikit-learn (no downloads).
 
-Training is deterministic (fixed seeds and split). The iris versions take a second; their labels are
-the iris class names, so a prediction reads ``"setosa"`` rather than ``0``. The image classifier is
+Training is deterministic (fixed seeds and split). The iris versions take a second; like the seed's
+model they are trained on ``load_iris()``'s integer targets, so a prediction is the class index
+(``0``) and the server adds its name (``"label": "setosa"``) from ``class_labels``. The image classifier is
 a small CNN trained on the digits data rendered as 32x32 RGB images, in about half a minute.
 """
 
@@ -49,7 +50,7 @@ def _iris_versions() -> dict[str, tuple[Any, str, dict[str, float]]]:
 def train_iris(models_dir: str | Path, force: bool = False) -> list[str]:
     """Train the versions missing from ``models_dir`` (all of them with ``force``); return their keys."""
     iris = load_iris()
-    labels = iris.target_names[iris.target]
+    labels = iris.target
     x_train, x_test, y_train, y_test = train_test_split(
         iris.data, labels, test_size=0.3, random_state=SEED, stratify=labels
     )

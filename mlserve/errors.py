@@ -39,6 +39,28 @@ class ModelNotFound(MlserveError):
     """No such model or version in the repository."""
 
 
+class Conflict(MlserveError):
+    """The change asked for contradicts the current state (unloading the active version)."""
+
+
+class LoadFailed(MlserveError):
+    """A version could not be loaded or warmed; the message says why, and the active version serves on."""
+
+
+class StateUnavailable(MlserveError):
+    """The state store could not record a change, so the change was not made."""
+
+    retry_after_s = 1
+
+
+class Unauthorized(MlserveError):
+    """A mutating admin route was called without the right bearer token."""
+
+
+class Forbidden(MlserveError):
+    """A mutating admin route is closed: the server listens beyond loopback and has no admin token."""
+
+
 class ModelNotReady(MlserveError):
     """The version exists but is still loading (worth retrying) or failed to load (not worth it)."""
 

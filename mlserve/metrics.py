@@ -113,6 +113,27 @@ class Metrics:
         self.worker_restarts = Gauge(
             "mlserve_worker_restarts", "Worker processes restarted since start.", registry=self.registry
         )
+        self.model_info = Gauge(
+            "mlserve_model_info",
+            "1 for each known model version, labelled with its state and whether it is active.",
+            registry=self.registry,
+        )
+        self.model_accuracy = Gauge(
+            "mlserve_model_accuracy", "Held-out accuracy from the version's metadata.", registry=self.registry
+        )
+        self.load_duration = Gauge(
+            "mlserve_model_load_seconds",
+            "Time the version's last load took to read its artifact (the slowest worker's).",
+            registry=self.registry,
+        )
+        self.warmup_duration = Gauge(
+            "mlserve_model_warmup_seconds",
+            "Time the version's last load spent on its warm-up batches (the slowest worker's).",
+            registry=self.registry,
+        )
+        self.activations = Counter(
+            "mlserve_activations_total", "Changes of a model's active version on this replica.", registry=self.registry
+        )
         self._on_scrape: list[Callable[[Metrics], None]] = []
 
     def _histogram(self, name: str, doc: str, bounds: Sequence[float]) -> _HistogramFamily:

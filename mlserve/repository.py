@@ -77,8 +77,12 @@ def read_metadata(directory: Path) -> ModelMetadata:
     return metadata
 
 
-def scan(models_dir: str | Path) -> list[ModelSpec]:
-    """Every valid version under ``models_dir``, ordered by name and then version."""
+def scan(models_dir: str | Path, errors: list[str] | None = None) -> list[ModelSpec]:
+    """Every valid version under ``models_dir``, ordered by name and then version.
+
+    A version with bad metadata raises, unless ``errors`` is given: then it is skipped and its
+    fault appended there (a rescan must not fail because one new version is broken).
+    """
     root = Path(models_dir)
     if not root.is_dir():
         raise RepositoryError(f"model repository {root} does not exist")
@@ -86,8 +90,14 @@ def scan(models_dir: str | Path) -> list[ModelSpec]:
     for model_dir in sorted(p for p in root.iterdir() if p.is_dir() and valid_name(p.name)):
         versions = [p for p in model_dir.iterdir() if p.is_dir() and valid_name(p.name)]
         for version_dir in sorted(versions, key=lambda p: version_order(p.name)):
-            if (version_dir / METADATA_FILE).is_file():
+            if not (version_dir / METADATA_FILE).is_file():
+                continue
+            try:
                 specs.append(ModelSpec(read_metadata(version_dir), str(version_dir.resolve())))
+            except RepositoryError as exc:
+                if errors is None:
+                    raise
+                errors.append(str(exc))
     return specs
 
 

@@ -1,44 +1,29 @@
-"""Which model version answers a request: the version asked for, else the model's active version."""
+"""Which model version answers a call: the version asked for, else the model's active version.
+
+Pure policy over the registry: no I/O, no state of its own beyond the configured default model, so it
+is tested in-process and costs the hot path a few dictionary lookups.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
-from typing import Generic, TypeVar
+from collections.abc import Callable
 
 from mlserve.errors import ModelNotFound, ValidationFailed
+from mlserve.registry import Registry, ServedVersion
 
-T = TypeVar("T")
+Fits = Callable[[ServedVersion], bool]
+"""Whether a version can take an endpoint's kind of input, to find the one model of that kind."""
 
 
-class Router(Generic[T]):
-    """Maps (model, version) to whatever the service serves them with; knows nothing of batching."""
-
-    def __init__(self, default_model: str | None = None) -> None:
+class Router:
+    def __init__(self, registry: Registry, default_model: str | None = None) -> None:
+        self._registry = registry
+        self._versions = registry.models()
+        self._active = registry.actives()
         self._default_model = default_model
-        self._versions: dict[str, dict[str, T]] = {}
-        self._active: dict[str, str] = {}
 
-    def add(self, model: str, version: str, target: T) -> None:
-        self._versions.setdefault(model, {})[version] = target
-
-    def set_active(self, model: str, version: str) -> None:
-        if version not in self._versions.get(model, {}):
-            raise ModelNotFound(f"model {model!r} has no version {version!r}")
-        self._active[model] = version
-
-    def active(self, model: str) -> str | None:
-        return self._active.get(model)
-
-    def models(self) -> dict[str, dict[str, T]]:
-        return self._versions
-
-    def targets(self) -> Iterator[T]:
-        """Every (model, version)'s target, model by model."""
-        for versions in self._versions.values():
-            yield from versions.values()
-
-    def resolve(self, model: str | None, version: str | None, fits: Callable[[T], bool] | None = None) -> T:
-        """The target asked for. Without a model: the configured default, else the one model there is
+    def route(self, model: str | None, version: str | None, fits: Fits | None = None) -> ServedVersion:
+        """The version asked for. Without a model: the configured default, else the one model there is
         (counting only those whose active version ``fits``, so each endpoint finds its own kind)."""
         if model is None:
             model = self._default_model or self._only_model(fits)
@@ -54,7 +39,7 @@ class Router(Generic[T]):
             raise ModelNotFound(f"model {model!r} has no version {version!r}; it has {', '.join(versions)}")
         return target
 
-    def _only_model(self, fits: Callable[[T], bool] | None) -> str:
+    def _only_model(self, fits: Fits | None) -> str:
         names = [
             name
             for name, versions in self._versions.items()

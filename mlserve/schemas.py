@@ -24,19 +24,23 @@ class BatchPredictRequest(msgspec.Struct, forbid_unknown_fields=True):
     model_version: str | None = None
 
 
-class PredictResponse(msgspec.Struct):
+class PredictResponse(msgspec.Struct, omit_defaults=True):
     prediction: Any
+    """The model's own output: a class index for the demo iris models, as the seed answered."""
     model: str
     model_version: str
     inference_time_ms: float
+    label: str | None = None
+    """The class name, when the version's ``class_labels`` name the class index predicted."""
 
 
-class BatchPredictResponse(msgspec.Struct):
+class BatchPredictResponse(msgspec.Struct, omit_defaults=True):
     predictions: list[Any]
     total: int
     model: str
     model_version: str
     inference_time_ms: float
+    labels: list[str] | None = None
 
 
 class ImageResponse(msgspec.Struct):
@@ -101,6 +105,8 @@ class ModelVersionInfo(msgspec.Struct):
     description: str
     batching: dict[str, Any]
     inputs: str
+    path: str
+    """The version's directory in the repository."""
     error: str | None = None
 
 

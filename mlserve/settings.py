@@ -12,6 +12,7 @@ only the fields actually set, so a model's declared knobs survive unless an oper
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import tomllib
 from collections.abc import Mapping
@@ -27,6 +28,30 @@ PositiveInt = Annotated[int, msgspec.Meta(ge=1)]
 NonNegativeFloat = Annotated[float, msgspec.Meta(ge=0)]
 PositiveFloat = Annotated[float, msgspec.Meta(gt=0)]
 Device = Literal["auto", "cpu", "cuda"]
+Preload = Literal["all", "active"] | list[str]
+
+
+class Secret:
+    """A value that must never be printed: its ``repr`` and ``str`` hide it; ``reveal`` gives it."""
+
+    __slots__ = ("_value",)
+
+    def __init__(self, value: str) -> None:
+        self._value = value
+
+    def reveal(self) -> str:
+        return self._value
+
+    def __repr__(self) -> str:
+        return "Secret('********')"
+
+    __str__ = __repr__
+
+
+def _decode_custom(kind: type, value: Any) -> Any:
+    if kind is Secret and isinstance(value, str):
+        return Secret(value)
+    raise NotImplementedError(f"cannot read {kind.__name__} from {type(value).__name__}")
 
 
 class BatchingSettings(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
@@ -57,6 +82,10 @@ class ModelSettings(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     """Operator overrides for one model name; they win over the model's own ``model.toml``."""
 
     active_version: str | None = None
+    """The version that answers at first start; a version activated later is kept in the state store."""
+    preload: Preload = "all"
+    """Which versions load at start: all of them, only the active one, or those listed (and the
+    active one). The others can be loaded or activated later through the admin API."""
     batching: dict[str, float] = {}
 
     def __post_init__(self) -> None:
@@ -99,9 +128,37 @@ class Settings(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     batching: dict[str, float] = {}
     """Knobs forced on every model (fields of ``BatchingSettings``)."""
     models: dict[str, ModelSettings] = {}
+    admin_token: Secret | None = None
+    """Bearer token the mutating admin routes require. Without one they are open on a loopback
+    address and refused (403) on any other."""
+    state_path: str | None = None
+    """The state file (active versions); default: ``<models_dir>.state.json`` next to the repository."""
+    redis_url: Secret | None = None
+    """With it, state lives in Redis and every change is published to the other replicas."""
+    redis_prefix: str = "mlserve"
+    """Prefix of this deployment's Redis keys and channel, so deployments can share one Redis."""
+    state_poll_s: PositiveFloat = 5.0
+    """How often a replica re-reads the shared state, in case it missed a published change."""
 
     def __post_init__(self) -> None:
         _check_batching(self.batching)
+
+    @property
+    def loopback_only(self) -> bool:
+        """Whether the server listens only on a loopback address (so only this machine reaches it)."""
+        if self.host == "localhost":
+            return True
+        try:
+            return ipaddress.ip_address(self.host).is_loopback
+        except ValueError:
+            return False
+
+    @property
+    def state_file(self) -> str:
+        if self.state_path:
+            return self.state_path
+        repository = os.path.abspath(self.models_dir)
+        return repository.rstrip(os.sep) + ".state.json"
 
     @property
     def worker_count(self) -> int:
@@ -168,6 +225,6 @@ def load_settings(
     _deep_merge(data, _env_overrides(env))
     _deep_merge(data, {k: v for k, v in (overrides or {}).items() if v is not None})
     try:
-        return msgspec.convert(data, Settings, strict=False)
+        return msgspec.convert(data, Settings, strict=False, dec_hook=_decode_custom)
     except msgspec.ValidationError as exc:
         raise SettingsError(f"invalid settings: {exc}") from None

@@ -17,6 +17,7 @@ import pytest
 from sklearn.datasets import load_iris
 
 from mlserve.demo_models import IRIS, train_iris
+from redisproc import RedisProc, redis_server
 from serverproc import IRIS_VERSIONS, ServerProc, WaitFor, serve
 
 CLIENT_TIMEOUT_S = 60.0
@@ -40,10 +41,10 @@ def iris_rows() -> list[list[float]]:
 
 
 @pytest.fixture(scope="session")
-def offline(demo_models_dir: Path, iris_rows: list[list[float]]) -> dict[str, list[str]]:
-    """What each version predicts for every iris row when loaded straight from its artifact."""
+def offline(demo_models_dir: Path, iris_rows: list[list[float]]) -> dict[str, list[int]]:
+    """What each version predicts (a class index) for every iris row, loaded straight from its artifact."""
     return {
-        version: [str(p) for p in joblib.load(demo_models_dir / IRIS / version / "model.joblib").predict(iris_rows)]
+        version: joblib.load(demo_models_dir / IRIS / version / "model.joblib").predict(iris_rows).tolist()
         for version in IRIS_VERSIONS
     }
 
@@ -111,3 +112,10 @@ def pytest_runtest_makereport(
         if server.running() or index >= started_before:
             report.sections.append((f"mlserve log (port {server.port}, {server.log_path})", server.log()))
     return report
+
+
+@pytest.fixture
+def redis(tmp_path: Path) -> Iterator[RedisProc]:
+    """A fresh ``redis-server`` of this test's own on a free port."""
+    with redis_server(tmp_path / "redis") as server:
+        yield server

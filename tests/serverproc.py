@@ -123,10 +123,14 @@ class ServerProc:
         config: str | None = None,
         workers: int = 2,
         expect_traceback: bool = False,
+        host: str = "127.0.0.1",
     ) -> None:
         self.models_dir = models_dir
         self.workdir = workdir
-        self.env = dict(env or {})
+        self.host = host
+        self.env = {"MLSERVE_STATE_PATH": str(workdir / "state.json"), **(env or {})}
+        """A state file of its own unless the test says otherwise, so servers on one repository never
+        share activations by accident."""
         self.config = config
         self.workers = workers
         self.expect_traceback = expect_traceback
@@ -167,7 +171,7 @@ class ServerProc:
 
     def _spawn(self) -> None:
         self.port = free_port()
-        args = ["serve", "--host", "127.0.0.1", "--port", str(self.port)]
+        args = ["serve", "--host", self.host, "--port", str(self.port)]
         args += ["--models-dir", str(self.models_dir), "--workers", str(self.workers)]
         if self.config is not None:
             config_path = self.workdir / "mlserve.toml"

@@ -29,13 +29,16 @@ async def predict_each(
 
 
 def check_prediction_fields(body: dict[str, Any], version: str) -> None:
-    assert set(body) == {"prediction", "model", "model_version", "inference_time_ms"}, body
+    """The seed's shape: a numeric class index, plus its name from the version's ``class_labels``."""
+    assert set(body) == {"prediction", "label", "model", "model_version", "inference_time_ms"}, body
+    assert type(body["prediction"]) is int and body["label"] == CLASS_NAMES[body["prediction"]], body
     assert body["model"] == IRIS and body["model_version"] == version, body
     assert isinstance(body["inference_time_ms"], float) and body["inference_time_ms"] > 0, body
 
 
 def check_batch_fields(body: dict[str, Any], version: str, rows: int) -> None:
-    assert set(body) == {"predictions", "total", "model", "model_version", "inference_time_ms"}, body
+    assert set(body) == {"predictions", "labels", "total", "model", "model_version", "inference_time_ms"}, body
+    assert body["labels"] == [CLASS_NAMES[p] for p in body["predictions"]], body
     assert body["model"] == IRIS and body["model_version"] == version, body
     assert body["total"] == rows == len(body["predictions"]), body
     assert isinstance(body["inference_time_ms"], float) and body["inference_time_ms"] > 0, body
@@ -46,7 +49,7 @@ async def test_predict_matches_offline_model(
     http: aiohttp.ClientSession,
     iris: ServerProc,
     iris_rows: list[list[float]],
-    offline: dict[str, list[str]],
+    offline: dict[str, list[int]],
     version: str,
 ) -> None:
     """Every iris row sent alone to a named version gets exactly what that model predicts offline."""
@@ -61,7 +64,7 @@ async def test_predict_batch_matches_offline_model(
     http: aiohttp.ClientSession,
     iris: ServerProc,
     iris_rows: list[list[float]],
-    offline: dict[str, list[str]],
+    offline: dict[str, list[int]],
     version: str,
 ) -> None:
     """All 150 rows in one batch request come back as the offline predictions, in order."""
@@ -75,7 +78,7 @@ async def test_default_version_is_the_highest(
     http: aiohttp.ClientSession,
     iris: ServerProc,
     iris_rows: list[list[float]],
-    offline: dict[str, list[str]],
+    offline: dict[str, list[int]],
     fields: dict[str, str],
 ) -> None:
     """Without ``model_version`` v2 answers; with one model served, ``model`` may be left out too."""
@@ -89,7 +92,7 @@ async def test_default_version_is_the_highest(
 
 
 async def test_large_batch_is_split_into_micro_batches_and_reassembled_in_order(
-    http: aiohttp.ClientSession, iris: ServerProc, iris_rows: list[list[float]], offline: dict[str, list[str]]
+    http: aiohttp.ClientSession, iris: ServerProc, iris_rows: list[list[float]], offline: dict[str, list[int]]
 ) -> None:
     """150 shuffled rows against v1 (max_batch_size 64) run as 64 + 64 + 22 and come back in order."""
     order = np.random.default_rng(7).permutation(len(iris_rows))
@@ -178,7 +181,7 @@ async def test_active_version_from_config_answers_by_default(
     start_server: Callable[..., ServerProc],
     demo_models_dir: Path,
     iris_rows: list[list[float]],
-    offline: dict[str, list[str]],
+    offline: dict[str, list[int]],
 ) -> None:
     """``[models.NAME] active_version`` makes v1 the default, and per-model batching knobs apply."""
     config = f'[models.{IRIS}]\nactive_version = "v1"\n[models.{IRIS}.batching]\nmax_batch_size = 16\n'

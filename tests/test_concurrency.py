@@ -46,7 +46,7 @@ async def run_clients(
     return answers
 
 
-def check_answers(jobs: list[Job], answers: list[dict[str, Any]], offline: dict[str, list[str]]) -> None:
+def check_answers(jobs: list[Job], answers: list[dict[str, Any]], offline: dict[str, list[int]]) -> None:
     wrong = [
         (version, index, answer)
         for (version, index), answer in zip(jobs, answers, strict=True)
@@ -63,7 +63,7 @@ def batch_growth(before: Metrics, after: Metrics, version: str, series: str) -> 
 
 
 async def test_64_clients_each_get_their_own_answer(
-    http: aiohttp.ClientSession, iris: ServerProc, iris_rows: list[list[float]], offline: dict[str, list[str]]
+    http: aiohttp.ClientSession, iris: ServerProc, iris_rows: list[list[float]], offline: dict[str, list[int]]
 ) -> None:
     """300 requests (every row, both versions, mixed) from 64 clients: each equals the offline answer."""
     jobs = every_row(IRIS_VERSIONS, len(iris_rows))
@@ -71,7 +71,7 @@ async def test_64_clients_each_get_their_own_answer(
 
 
 async def test_batches_grow_under_load(
-    http: aiohttp.ClientSession, iris: ServerProc, iris_rows: list[list[float]], offline: dict[str, list[str]]
+    http: aiohttp.ClientSession, iris: ServerProc, iris_rows: list[list[float]], offline: dict[str, list[int]]
 ) -> None:
     """With 64 clients on v2 (two workers), requests pile up behind busy workers and share batches."""
     jobs = every_row(("v2",), len(iris_rows)) * 2
@@ -89,7 +89,7 @@ async def test_batching_off_still_answers_correctly(
     start_server: Callable[..., ServerProc],
     demo_models_dir: Path,
     iris_rows: list[list[float]],
-    offline: dict[str, list[str]],
+    offline: dict[str, list[int]],
 ) -> None:
     """``MLSERVE_BATCHING__MAX_BATCH_SIZE=1`` overrides model.toml: one row a batch, answers still right."""
     server = start_server(demo_models_dir, env={"MLSERVE_BATCHING__MAX_BATCH_SIZE": "1"})

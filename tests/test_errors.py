@@ -167,7 +167,7 @@ async def test_body_over_max_body_bytes_is_413(http: aiohttp.ClientSession, limi
 
 
 async def test_samples_over_max_batch_rows_is_413(
-    http: aiohttp.ClientSession, limited: ServerProc, iris_rows: list[list[float]], offline: dict[str, list[str]]
+    http: aiohttp.ClientSession, limited: ServerProc, iris_rows: list[list[float]], offline: dict[str, list[int]]
 ) -> None:
     """11 rows is over a limit of 10 (413); exactly 10 rows is served."""
     too_many = iris_rows[: MAX_BATCH_ROWS + 1]
@@ -203,7 +203,7 @@ async def test_model_is_required_when_two_models_are_served(
 
 
 async def test_broken_model_is_refused_with_a_clear_error_and_others_keep_serving(
-    http: aiohttp.ClientSession, two_models: ServerProc, iris_rows: list[list[float]], offline: dict[str, list[str]]
+    http: aiohttp.ClientSession, two_models: ServerProc, iris_rows: list[list[float]], offline: dict[str, list[int]]
 ) -> None:
     """The wrong output count is caught by the load-time warm-up: the model is listed as failed with
     the reason, every caller gets a JSON error naming it (never a hang), and iris is unaffected.

@@ -279,7 +279,7 @@ def test_models_command_trains_both_versions_once(tmp_path: Path, iris_rows: lis
         assert metadata["input_shape"] == [4] and 0.8 < metadata["accuracy"] <= 1.0, metadata
         assert metadata["batching"]["max_batch_size"] >= 1, metadata
         estimator = joblib.load(directory / metadata["artifact"])
-        assert str(estimator.predict([iris_rows[0]])[0]) == "setosa"
+        assert estimator.predict([iris_rows[0]])[0] == 0 and metadata["class_labels"][0] == "setosa"
     second = run_models_command(models)
     assert "trained" not in second.stdout and "already" in second.stdout, second.stdout
     for version in IRIS_VERSIONS:

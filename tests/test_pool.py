@@ -95,7 +95,7 @@ async def test_killed_worker_is_replaced_and_its_batch_retried(pool: WorkerPool)
     assert set(pool.worker_pids()) != pids_before
     # The replacement holds every model: load both workers at once.
     answers = await asyncio.gather(*(pool.predict("iris_classifier:v1", load_iris().data[:3]) for _ in range(4)))
-    assert all(list(out) == ["setosa"] * 3 for out, _ in answers)
+    assert all(list(out) == [0] * 3 for out, _ in answers), "setosa is class 0"
 
 
 async def test_a_batch_that_kills_every_worker_fails_with_unavailable(pool: WorkerPool) -> None:
@@ -119,7 +119,7 @@ async def test_load_failure_is_reported_and_workers_survive(pool: WorkerPool, sp
         await pool.load(specs["broken:v1"], warmup_rows=[1])
     assert pool.live_workers == 2
     outputs, _ = await pool.predict("iris_classifier:v2", load_iris().data[:1])
-    assert list(outputs) == ["setosa"]
+    assert list(outputs) == [0], "setosa is class 0"
     with pytest.raises(WorkerUnavailable):
         await pool.predict("broken:v1", np.zeros((1, 4)))
 

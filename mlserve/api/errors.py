@@ -28,14 +28,19 @@ log = logging.getLogger(__name__)
 
 STATUS: dict[type[errors.MlserveError], int] = {
     errors.BadRequest: 400,
+    errors.Unauthorized: 401,
+    errors.Forbidden: 403,
     errors.ModelNotFound: 404,
+    errors.Conflict: 409,
     errors.PayloadTooLarge: 413,
     errors.UnsupportedMediaType: 415,
     errors.ValidationFailed: 422,
+    errors.LoadFailed: 422,
     errors.PredictionFailed: 500,
     errors.ModelNotReady: 503,
     errors.QueueFull: 503,
     errors.ShuttingDown: 503,
+    errors.StateUnavailable: 503,
     errors.WorkerUnavailable: 503,
     errors.DeadlineExceeded: 504,
 }
@@ -58,8 +63,10 @@ def json_error(status: int, message: str, path: str | None = None, headers: dict
 def from_error(exc: errors.MlserveError) -> web.Response:
     status = next((code for kind, code in STATUS.items() if isinstance(exc, kind)), 500)
     retry_after = getattr(exc, "retry_after_s", None)
-    headers = {"Retry-After": str(retry_after)} if retry_after is not None else None
-    return json_error(status, str(exc), getattr(exc, "path", None), headers)
+    headers = {"Retry-After": str(retry_after)} if retry_after is not None else {}
+    if status == 401:
+        headers["WWW-Authenticate"] = 'Bearer realm="mlserve admin"'
+    return json_error(status, str(exc), getattr(exc, "path", None), headers or None)
 
 
 def from_http_exception(exc: web.HTTPException) -> web.Response:

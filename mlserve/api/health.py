@@ -1,12 +1,12 @@
-"""Liveness (the process answers) and readiness (every model version loaded and warm)."""
+"""Liveness (the process answers) and readiness (start-up loading done, every active version serving)."""
 
 from __future__ import annotations
 
 from aiohttp import web
 
 from mlserve.api.errors import guard
-from mlserve.api.keys import SERVICE
-from mlserve.api.predict import respond
+from mlserve.api.http import respond
+from mlserve.api.keys import CONTROL, REGISTRY
 from mlserve.schemas import HealthResponse
 
 
@@ -15,9 +15,8 @@ async def live(request: web.Request) -> web.Response:
 
 
 async def ready(request: web.Request) -> web.Response:
-    service = request.app[SERVICE]
-    states = service.states()
-    if service.ready:
+    states = request.app[REGISTRY].states()
+    if request.app[CONTROL].ready:
         return respond(HealthResponse(status="ready", models=states))
     status = "failed" if "failed" in states.values() else "loading"
     response = respond(HealthResponse(status=status, models=states))

@@ -4,14 +4,18 @@ from __future__ import annotations
 
 from aiohttp import web
 
+from mlserve.control import ControlPlane
 from mlserve.metrics import Metrics
 from mlserve.pool import WorkerPool
-from mlserve.service import ModelService, ServedVersion
+from mlserve.registry import Registry, ServedVersion
+from mlserve.service import ModelService
 from mlserve.settings import Settings
 
 SETTINGS = web.AppKey("settings", Settings)
 METRICS = web.AppKey("metrics", Metrics)
 POOL = web.AppKey("pool", WorkerPool)
+REGISTRY = web.AppKey("registry", Registry)
 SERVICE = web.AppKey("service", ModelService)
-SERVED = "mlserve.served"
+CONTROL = web.AppKey("control", ControlPlane)
+SERVED = web.RequestKey("served", ServedVersion)
 """Request-scoped: the version that answered, so `guard` can label its metrics."""

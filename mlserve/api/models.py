@@ -1,25 +1,53 @@
-"""Read-only model listing: ``GET /models`` and ``GET /models/{name}/versions``."""
+"""Read-only model listing: ``GET /models`` and ``GET /models/{name}/versions``; open to everyone."""
 
 from __future__ import annotations
 
+import msgspec
 from aiohttp import web
 
 from mlserve.api.errors import guard
-from mlserve.api.keys import SERVICE
-from mlserve.api.predict import respond
+from mlserve.api.http import respond
+from mlserve.api.keys import REGISTRY
 from mlserve.errors import ModelNotFound
+from mlserve.registry import Registry
+from mlserve.schemas import ModelInfo, ModelsResponse, ModelVersionInfo
+
+
+def describe(registry: Registry, model: str) -> ModelInfo:
+    active = registry.active(model)
+    infos = [
+        ModelVersionInfo(
+            name=model,
+            version=version,
+            state=served.state,
+            active=version == active,
+            framework=served.spec.metadata.framework,
+            created_at=served.spec.metadata.created_at,
+            accuracy=served.spec.metadata.accuracy,
+            input_shape=served.spec.metadata.input_shape,
+            class_labels=served.spec.metadata.class_labels,
+            description=served.spec.metadata.description,
+            batching=msgspec.structs.asdict(served.batching),
+            inputs="image" if served.takes_images else "features",
+            path=served.spec.directory,
+            error=served.error,
+        )
+        for version, served in registry.versions(model).items()
+    ]
+    return ModelInfo(name=model, active_version=active, versions=infos)
 
 
 async def list_models(request: web.Request) -> web.Response:
-    return respond(request.app[SERVICE].describe())
+    registry = request.app[REGISTRY]
+    return respond(ModelsResponse(models=[describe(registry, name) for name in sorted(registry.models())]))
 
 
 async def list_versions(request: web.Request) -> web.Response:
     name = request.match_info["name"]
-    found = request.app[SERVICE].describe(name).models
-    if not found:
+    registry = request.app[REGISTRY]
+    if name not in registry.models():
         raise ModelNotFound(f"unknown model {name!r}")
-    return respond(found[0])
+    return respond(describe(registry, name))
 
 
 def add_routes(app: web.Application) -> None:

@@ -1,0 +1,45 @@
+"""What every protocol's handlers share: decoding a JSON body, encoding an answer, and the deadline."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import msgspec
+from aiohttp import web
+
+from mlserve import schemas
+from mlserve.api.errors import validation_path
+from mlserve.api.keys import SETTINGS
+from mlserve.errors import BadRequest, ValidationFailed
+
+TIMEOUT_HEADER = "X-Request-Timeout-Ms"
+JSON = "application/json"
+
+
+def decode(decoder: msgspec.json.Decoder[Any], body: bytes) -> Any:
+    try:
+        return decoder.decode(body)
+    except msgspec.ValidationError as exc:
+        raise ValidationFailed(str(exc), validation_path(exc)) from None
+    except msgspec.DecodeError as exc:
+        raise BadRequest(f"malformed JSON: {exc}") from None
+
+
+def respond(body: msgspec.Struct, status: int = 200) -> web.Response:
+    return web.Response(body=schemas.encoder.encode(body), content_type=JSON, status=status)
+
+
+def timeout(request: web.Request) -> float:
+    """Seconds the request may take: the server default, lowered (never raised) by the client's header."""
+    timeout_s = request.app[SETTINGS].request_timeout_ms / 1000.0
+    raw = request.headers.get(TIMEOUT_HEADER)
+    if raw is not None:
+        try:
+            asked = float(raw)
+        except ValueError:
+            asked = math.nan
+        if not (asked > 0 and math.isfinite(asked)):
+            raise BadRequest(f"{TIMEOUT_HEADER} must be a positive number of milliseconds, got {raw!r}")
+        timeout_s = min(timeout_s, asked / 1000.0)
+    return timeout_s

@@ -1,0 +1,367 @@
+"""The control plane: which versions are loaded and which one is active, changed while serving.
+
+Every change goes through here, under one lock per model, in the order load -> warm -> activate ->
+drain -> unload:
+
+- *load* broadcasts the version to every worker, which loads and warms it; only then does it get a
+  batcher and turn ``ready``. A failed load marks it ``failed`` with the reason and changes nothing
+  else.
+- *activate* loads first if needed, records the choice in the state store, then moves the active
+  pointer in one step. Calls already routed keep the version (and batcher) they were routed to, so a
+  switch fails no request; a store that cannot record it leaves the pointer where it was.
+- *unload* refuses the active version, then drains: new calls are refused, queued and running
+  batches finish, and only then do the workers drop the model.
+
+A replica on a shared store hears every change and applies it the same way, without writing it back.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import logging
+import time
+from collections.abc import Callable
+from typing import Any
+
+import msgspec
+import numpy as np
+
+from mlserve import repository
+from mlserve.batcher import Batcher, Rows
+from mlserve.errors import Conflict, LoadFailed, PredictionFailed, SettingsError, StateUnavailable
+from mlserve.metrics import Metrics
+from mlserve.pool import WorkerPool
+from mlserve.registry import Registry, ServedVersion
+from mlserve.repository import ModelSpec
+from mlserve.settings import Settings
+from mlserve.state import StateStore
+
+log = logging.getLogger(__name__)
+
+
+class Activation(msgspec.Struct):
+    model: str
+    active_version: str
+    previous_version: str | None
+
+
+class VersionState(msgspec.Struct, omit_defaults=True):
+    model: str
+    version: str
+    state: str
+    error: str | None = None
+
+
+class RescanReport(msgspec.Struct):
+    added: list[VersionState]
+    """Versions new in the repository, with the state their load (if their preload asks for one) left."""
+    removed: list[VersionState]
+    """Versions gone from the repository: drained, unloaded and forgotten."""
+    missing_active: list[VersionState]
+    """Active versions whose files are gone: they keep serving from memory until another is activated."""
+
+
+def _unchanged(rows: Rows) -> Rows:
+    return rows
+
+
+def _stacker(shape: tuple[int, ...]) -> Callable[[Rows], np.ndarray]:
+    def stack(rows: Rows) -> np.ndarray:
+        try:
+            return np.array(rows, dtype=np.float64).reshape(len(rows), *shape)
+        except ValueError as exc:
+            raise PredictionFailed(f"could not stack the batch: {exc}") from None
+
+    return stack
+
+
+class ControlPlane:
+    def __init__(
+        self, settings: Settings, registry: Registry, pool: WorkerPool, store: StateStore, metrics: Metrics
+    ) -> None:
+        self._settings = settings
+        self._registry = registry
+        self._pool = pool
+        self._store = store
+        self._metrics = metrics
+        self._locks: collections.defaultdict[str, asyncio.Lock] = collections.defaultdict(asyncio.Lock)
+        self._rescan_lock = asyncio.Lock()
+        self._tasks: list[asyncio.Task[None]] = []
+        self._started = False
+        self.activations: collections.Counter[str] = collections.Counter()
+
+    # -- start and stop ------------------------------------------------------------------------------
+
+    def discover(self) -> None:
+        """Register every version in the repository and pick first active versions; fast and strict.
+
+        Bad metadata or a configured active version that does not exist stops the server here,
+        before it listens, rather than surfacing later as a model that never becomes ready.
+        """
+        specs = repository.scan(self._settings.models_dir)
+        for spec in specs:
+            self._register(spec)
+        for name in self._registry.models():
+            wanted = self._configured_active(name)
+            if wanted is not None and self._registry.find(name, wanted) is None:
+                raise SettingsError(f"active_version {wanted!r} of model {name!r} is not in the repository")
+            self._registry.set_active(name, wanted or self._highest(name))
+        unknown = set(self._settings.models) - set(self._registry.models())
+        if unknown:
+            log.warning("settings name models the repository does not hold: %s", ", ".join(sorted(unknown)))
+        if not specs:
+            log.warning("the model repository %s holds no models", self._settings.models_dir)
+
+    def _register(self, spec: ModelSpec) -> ServedVersion:
+        batching = self._settings.batching_for(spec.name, spec.metadata.batching)
+        served = ServedVersion(spec, batching, self._metrics)
+        self._registry.add(served)
+        return served
+
+    def _configured_active(self, model: str) -> str | None:
+        override = self._settings.models.get(model)
+        return override.active_version if override else None
+
+    def _highest(self, model: str) -> str:
+        return list(self._registry.versions(model))[-1]
+
+    def start(self) -> None:
+        """Read the saved state, then load what starts loaded, then follow the shared state."""
+        self._tasks.append(asyncio.get_running_loop().create_task(self._start()))
+
+    async def _start(self) -> None:
+        try:
+            saved = await self._store.read()
+        except StateUnavailable as exc:
+            log.warning("starting from the configured active versions: %s", exc)
+            saved = {}
+        for model, version in saved.items():
+            if self._registry.find(model, version) is not None:
+                self._registry.set_active(model, version)
+            elif model in self._registry.models():
+                log.warning("the saved active version %s of %s is not in the repository; ignored", version, model)
+        for served in self._preloaded():
+            async with self._locks[served.spec.name]:
+                if served.state != "ready":
+                    try:
+                        await self._load(served)
+                    except LoadFailed:
+                        pass  # reported through its state, in /models and /health/ready
+        self._started = True
+        states = self._registry.states()
+        failed = [key for key, state in states.items() if state == "failed"]
+        if failed:
+            log.error("%d model version(s) failed to load: %s", len(failed), ", ".join(failed))
+        log.info(
+            "ready: %d of %d model version(s) loaded and warm on %d worker(s)",
+            list(states.values()).count("ready"),
+            len(states),
+            self._pool.size,
+        )
+        self._tasks.append(asyncio.get_running_loop().create_task(self._store.watch(self._follow)))
+
+    def _preloaded(self) -> list[ServedVersion]:
+        """What loads at start: each model's active version first, then the rest its preload names."""
+        first, rest = [], []
+        for model, versions in self._registry.models().items():
+            setting = self._settings.models.get(model)
+            preload = setting.preload if setting else "all"
+            active = self._registry.active(model)
+            for version, served in versions.items():
+                if version == active:
+                    first.append(served)
+                elif preload == "all" or (isinstance(preload, list) and version in preload):
+                    rest.append(served)
+        return first + rest
+
+    @property
+    def ready(self) -> bool:
+        """Start-up loading is done and every model's active version serves."""
+        return self._started and all(
+            self._registry.get(model, version).state == "ready" for model, version in self._registry.actives().items()
+        )
+
+    async def close(self, timeout_s: float) -> None:
+        await self._store.close()  # first: it ends the store's watch (see RedisStore.close)
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        batchers = [served.batcher for served in self._registry if served.batcher]
+        await asyncio.gather(*(b.close(timeout_s) for b in batchers))
+
+    # -- the changes -----------------------------------------------------------------------------------
+
+    async def load(self, model: str, version: str) -> VersionState:
+        async with self._locks[model]:
+            served = self._registry.get(model, version)
+            if served.state != "ready":
+                await self._load(served)
+            return _state_of(served)
+
+    async def activate(self, model: str, version: str) -> Activation:
+        """Load and warm ``version`` if needed, record it, then make it answer calls without a version."""
+        async with self._locks[model]:
+            served = self._registry.get(model, version)
+            if served.state != "ready":
+                await self._load(served)
+            previous = self._registry.active(model)
+            if previous != version:
+                await self._store.set_active(model, version)
+                self._registry.set_active(model, version)
+                self.activations[model] += 1
+                log.info("activated %s (was %s)", served.spec.key, previous)
+            return Activation(model=model, active_version=version, previous_version=previous)
+
+    async def unload(self, model: str, version: str) -> VersionState:
+        async with self._locks[model]:
+            served = self._registry.get(model, version)
+            if self._registry.active(model) == version:
+                raise Conflict(
+                    f"{served.spec.key} is the active version: activate another version before unloading it"
+                )
+            await self._unload(served)
+            return _state_of(served)
+
+    async def rescan(self) -> RescanReport:
+        """Register versions newly in the repository (loading those their preload names) and forget
+        those that left it; an active version that left keeps serving and is reported."""
+        async with self._rescan_lock:
+            errors: list[str] = []
+            found = {spec.key: spec for spec in repository.scan(self._settings.models_dir, errors)}
+            for error in errors:
+                log.warning("rescan skipped %s", error)
+            known = {served.spec.key: served for served in self._registry}
+            added, removed, missing = [], [], []
+            for key in found.keys() - known.keys():
+                added.append(await self._add(found[key]))
+            for key in sorted(known.keys() - found.keys()):
+                served = known[key]
+                model, version = served.spec.name, served.spec.version
+                async with self._locks[model]:
+                    if self._registry.active(model) == version:
+                        missing.append(_state_of(served))
+                        continue
+                    await self._unload(served)
+                    self._registry.remove(model, version)
+                    removed.append(_state_of(served))
+            if added or removed:
+                log.info("rescan: %d version(s) added, %d removed", len(added), len(removed))
+            return RescanReport(
+                added=sorted(added, key=lambda s: (s.model, repository.version_order(s.version))),
+                removed=removed,
+                missing_active=missing,
+            )
+
+    async def _add(self, spec: ModelSpec) -> VersionState:
+        async with self._locks[spec.name]:
+            served = self._register(spec)
+            new_model = self._registry.active(spec.name) is None
+            setting = self._settings.models.get(spec.name)
+            preload = setting.preload if setting else "all"
+            if new_model or preload == "all" or (isinstance(preload, list) and spec.version in preload):
+                try:
+                    await self._load(served)
+                except LoadFailed:
+                    pass  # reported through its state
+            if new_model:
+                self._registry.set_active(spec.name, self._configured_active(spec.name) or self._highest(spec.name))
+            return _state_of(served)
+
+    # -- what replicas hear ------------------------------------------------------------------------------
+
+    async def _follow(self, shared: dict[str, str]) -> None:
+        """Apply another replica's activations, one model at a time, as this replica would its own."""
+        for model, version in shared.items():
+            if self._registry.active(model) == version or model not in self._registry.models():
+                continue
+            async with self._locks[model]:
+                served = self._registry.find(model, version)
+                if served is None:
+                    log.warning("another replica activated %s:%s, which this replica's repository lacks", model, version)
+                    continue
+                if served.state != "ready":
+                    try:
+                        await self._load(served)
+                    except LoadFailed as exc:
+                        log.error("cannot follow the activation of %s: %s", served.spec.key, exc)
+                        continue
+                previous = self._registry.active(model)
+                self._registry.set_active(model, version)
+                self.activations[model] += 1
+                log.info("activated %s (was %s), as another replica did", served.spec.key, previous)
+
+    # -- transitions (callers hold the model's lock) -------------------------------------------------------
+
+    async def _load(self, served: ServedVersion) -> None:
+        spec, knobs = served.spec, served.batching
+        served.state, served.error = "loading", None
+        started = time.perf_counter()
+        try:
+            times = await self._pool.load(spec, sorted({1, knobs.max_batch_size}))
+        except PredictionFailed as exc:
+            served.state, served.error = "failed", str(exc)
+            log.error("loading %s failed: %s", spec.key, exc)
+            raise LoadFailed(str(exc)) from None
+        served.load_s, served.warm_s = times.load_s, times.warm_s
+        served.batcher = Batcher(
+            self._runner(served),
+            max_batch_size=knobs.max_batch_size,
+            max_delay_ms=knobs.max_delay_ms,
+            max_queue=knobs.max_queue,
+            max_inflight=knobs.max_inflight or self._pool.size,
+            overlap_after_ms=knobs.overlap_after_ms,
+            name=spec.key,
+            on_batch=served.batch_rows.observe,
+            on_queued=served.queue_time.observe,
+            on_computed=served.compute_time.observe,
+        )
+        served.state = "ready"
+        log.info("loaded %s (%s) in %.2fs", spec.key, spec.metadata.framework, time.perf_counter() - started)
+
+    def _runner(self, served: ServedVersion) -> Callable[[Rows], asyncio.Future[tuple[Any, float]]]:
+        key, pool = served.spec.key, self._pool
+        # An image model's rows are encoded images that its worker decodes; feature rows stack here.
+        prepare = _unchanged if served.takes_images else _stacker(served.row_shape)
+
+        def run_batch(rows: Rows) -> asyncio.Future[tuple[Any, float]]:
+            return pool.predict(key, prepare(rows))
+
+        return run_batch
+
+    async def _unload(self, served: ServedVersion) -> None:
+        if served.state in ("unloaded", "failed"):
+            served.state = "unloaded"
+            return
+        served.state = "draining"
+        if served.batcher is not None:
+            why = f"{served.spec.key} is being unloaded; call without a version to reach the active one"
+            await served.batcher.drain(self._settings.request_timeout_ms / 1000.0, why)
+        await self._pool.unload(served.spec.key)
+        served.batcher, served.state = None, "unloaded"
+        log.info("unloaded %s", served.spec.key)
+
+    # -- gauges ----------------------------------------------------------------------------------------------
+
+    def refresh_gauges(self, metrics: Metrics) -> None:
+        metrics.model_info.values.clear()
+        metrics.queue_depth.values.clear()
+        for served in self._registry:
+            labels = {"model": served.spec.name, "version": served.spec.version}
+            active = self._registry.active(served.spec.name) == served.spec.version
+            metrics.model_info.set({**labels, "state": served.state, "active": str(active).lower()}, 1)
+            if served.spec.metadata.accuracy is not None:
+                metrics.model_accuracy.set(labels, served.spec.metadata.accuracy)
+            if served.load_s is not None and served.warm_s is not None:
+                metrics.load_duration.set(labels, served.load_s)
+                metrics.warmup_duration.set(labels, served.warm_s)
+            if served.batcher is not None:
+                metrics.queue_depth.set(labels, served.batcher.queue_depth)
+        for model, count in self.activations.items():
+            metrics.activations.set({"model": model}, count)
+        metrics.workers_live.set({}, self._pool.live_workers)
+        metrics.worker_restarts.set({}, self._pool.restart_count)
+
+
+def _state_of(served: ServedVersion) -> VersionState:
+    return VersionState(model=served.spec.name, version=served.spec.version, state=served.state, error=served.error)
