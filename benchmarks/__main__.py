@@ -51,6 +51,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--mlserve", default=None,
                         help="mlserve command line (default: .venv/bin/mlserve), e.g. "
                         "'python -m mlserve' or an installed release to compare with")
+    parser.add_argument("--baseline", default=None,
+                        help="another mlserve command line (a build of the code before a change); each chosen "
+                        "mlserve scenario also runs on it, in the same run, as NAME@baseline")
     parser.add_argument("--no-offline", action="store_true", help="skip the offline ceiling")
     parser.add_argument("--out-dir", type=Path, default=RESULTS_DIR,
                         help=f"where results go (default {RESULTS_DIR})")
@@ -85,6 +88,10 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if args.mlserve:
         notes.append(f"mlserve command overridden: {args.mlserve}")
+    baseline_cmd = servers.mlserve_command(args.baseline) if args.baseline else None
+    if baseline_cmd is not None:
+        chosen = scenarios.with_baseline(chosen)
+        notes.append(f"baseline build: {args.baseline}")
     peer_cmd = peers.command()
     if peer_cmd is None and any(s.kind == "mlserver" for s in chosen):
         print(f"error: MLServer is not installed in {peers.VENV}; run `make bench-peers`",
@@ -111,6 +118,7 @@ def main(argv: list[str] | None = None) -> int:
         models_dir=args.models_dir,
         mlserve_cmd=mlserve_cmd,
         run_offline=run_offline,
+        baseline_cmd=baseline_cmd,
         peer_cmd=peer_cmd,
         notes=notes,
     )

@@ -49,6 +49,8 @@ class Plan:
     models_dir: Path | None
     mlserve_cmd: list[str] | None
     run_offline: bool
+    baseline_cmd: list[str] | None = None
+    """Another mlserve build that serves the ``@baseline`` scenarios (``--baseline``)."""
     peer_cmd: Path | None = None
     """MLServer's ``mlserver`` command, for the peer scenarios."""
     notes: list[str] = field(default_factory=list)
@@ -378,8 +380,9 @@ def _run_scenario(
         workdir = Path(tempfile.mkdtemp(prefix="mlserve-bench-peer-"))
         argv = peers.argv(plan.peer_cmd, scenario, models_dir, workdir, port, plan.workers)
     else:
-        assert plan.mlserve_cmd is not None and models_dir is not None
-        argv = servers.mlserve_argv(plan.mlserve_cmd, port, models_dir, plan.workers)
+        command = plan.baseline_cmd if scenario.baseline else plan.mlserve_cmd
+        assert command is not None and models_dir is not None
+        argv = servers.mlserve_argv(command, port, models_dir, plan.workers)
     server = servers.Server(scenario.name, argv, port, log_path, servers.clean_env(scenario.env),
                             ready_path=scenario.ready_path)
     info: dict[str, Any] = {"label": scenario.label, "argv": argv, "env": scenario.env,

@@ -7,6 +7,7 @@ estimate and refuse silly combinations up front instead of 8 minutes in.
 
 from __future__ import annotations
 
+import dataclasses
 import fnmatch
 from dataclasses import dataclass
 
@@ -27,6 +28,8 @@ class Scenario:
     version: str  # model_version sent by wrk (the floor ignores it)
     batching: bool | None  # None for the floor
     model: str = IRIS
+    baseline: bool = False
+    """Served by the ``--baseline`` command (another build of mlserve) rather than this one."""
 
     @property
     def open_loop(self) -> bool:
@@ -68,7 +71,8 @@ class Scenario:
         if self.kind == "mlserver":
             return f"MLServer {PEER_VERSION} {self.version} adaptive batching"
         name = "image" if self.images else self.version
-        return f"{name} batching={'on' if self.batching else 'off'}"
+        suffix = " (baseline build)" if self.baseline else ""
+        return f"{name} batching={'on' if self.batching else 'off'}{suffix}"
 
     @property
     def env(self) -> dict[str, str]:
@@ -135,6 +139,16 @@ def select(patterns: str | None, peers: bool = False) -> list[Scenario]:
         names = ", ".join(s.name for s in every)
         raise ValueError(f"unknown scenario(s) {unknown}; choose from: {names}")
     return chosen
+
+
+def with_baseline(chosen: list[Scenario]) -> list[Scenario]:
+    """Each chosen mlserve scenario followed by its twin on the baseline build, for before/after."""
+    paired: list[Scenario] = []
+    for scenario in chosen:
+        paired.append(scenario)
+        if scenario.kind == "mlserve":
+            paired.append(dataclasses.replace(scenario, name=f"{scenario.name}@baseline", baseline=True))
+    return paired
 
 
 def parse_concurrency(text: str | None) -> list[int]:

@@ -278,7 +278,7 @@ class ControlPlane:
             async with self._locks[model]:
                 served = self._registry.find(model, version)
                 if served is None:
-                    log.warning("another replica activated %s:%s, which this replica's repository lacks", model, version)
+                    log.warning("another replica activated %s:%s; this replica's repository lacks it", model, version)
                     continue
                 if served.state != "ready":
                     try:

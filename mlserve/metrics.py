@@ -108,33 +108,26 @@ class Metrics:
             LATENCY_BUCKETS,
         )
         self.batch_size = self._histogram("mlserve_batch_size", "Rows per dispatched batch.", BATCH_BUCKETS)
-        self.queue_depth = Gauge("mlserve_queue_depth", "Requests waiting in a batcher's queue.", registry=self.registry)
-        self.workers_live = Gauge("mlserve_workers_live", "Worker processes alive and serving.", registry=self.registry)
-        self.worker_restarts = Gauge(
-            "mlserve_worker_restarts", "Worker processes restarted since start.", registry=self.registry
+        self.queue_depth = self._gauge("mlserve_queue_depth", "Requests waiting in a batcher's queue.")
+        self.workers_live = self._gauge("mlserve_workers_live", "Worker processes alive and serving.")
+        self.worker_restarts = self._gauge("mlserve_worker_restarts", "Worker processes restarted since start.")
+        self.model_info = self._gauge(
+            "mlserve_model_info", "1 for each known model version, labelled with its state and whether it is active."
         )
-        self.model_info = Gauge(
-            "mlserve_model_info",
-            "1 for each known model version, labelled with its state and whether it is active.",
-            registry=self.registry,
+        self.model_accuracy = self._gauge("mlserve_model_accuracy", "Held-out accuracy from the version's metadata.")
+        self.load_duration = self._gauge(
+            "mlserve_model_load_seconds", "Time the last load took to read the artifact (slowest worker)."
         )
-        self.model_accuracy = Gauge(
-            "mlserve_model_accuracy", "Held-out accuracy from the version's metadata.", registry=self.registry
-        )
-        self.load_duration = Gauge(
-            "mlserve_model_load_seconds",
-            "Time the version's last load took to read its artifact (the slowest worker's).",
-            registry=self.registry,
-        )
-        self.warmup_duration = Gauge(
-            "mlserve_model_warmup_seconds",
-            "Time the version's last load spent on its warm-up batches (the slowest worker's).",
-            registry=self.registry,
+        self.warmup_duration = self._gauge(
+            "mlserve_model_warmup_seconds", "Time the last load of the version spent warming it up (slowest worker)."
         )
         self.activations = Counter(
             "mlserve_activations_total", "Changes of a model's active version on this replica.", registry=self.registry
         )
         self._on_scrape: list[Callable[[Metrics], None]] = []
+
+    def _gauge(self, name: str, doc: str) -> Gauge:
+        return Gauge(name, doc, registry=self.registry)
 
     def _histogram(self, name: str, doc: str, bounds: Sequence[float]) -> _HistogramFamily:
         return _HistogramFamily(Histogram(name, doc, buckets=bounds, registry=self.registry), bounds)

@@ -27,17 +27,11 @@ class Router:
         (counting only those whose active version ``fits``, so each endpoint finds its own kind)."""
         if model is None:
             model = self._default_model or self._only_model(fits)
-        versions = self._versions.get(model)
-        if versions is None:
-            raise ModelNotFound(f"unknown model {model!r}")
         if version is None:
             version = self._active.get(model)
-            if version is None:
+            if version is None and model in self._versions:
                 raise ModelNotFound(f"model {model!r} has no active version")
-        target = versions.get(version)
-        if target is None:
-            raise ModelNotFound(f"model {model!r} has no version {version!r}; it has {', '.join(versions)}")
-        return target
+        return self._registry.get(model, version or "")
 
     def _only_model(self, fits: Fits | None) -> str:
         names = [

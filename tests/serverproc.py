@@ -178,7 +178,8 @@ class ServerProc:
             config_path.write_text(self.config)
             args += ["--config", str(config_path)]
         with self.log_path.open("ab") as log:
-            log.write(f"--- mlserve {' '.join(args)} (env {self.env})\n".encode())
+            shown = {k: "***" if "TOKEN" in k else v for k, v in self.env.items()}  # the log is checked for leaks
+            log.write(f"--- mlserve {' '.join(args)} (env {shown})\n".encode())
             log.flush()
             self.proc = subprocess.Popen(
                 mlserve_command(*args),

@@ -390,3 +390,39 @@ async def test_close_while_a_batch_collects_mates_fails_its_requests() -> None:
     await batcher.close()
     with pytest.raises(ShuttingDown):
         await asyncio.wait_for(waiting, 2)
+
+
+async def test_drain_finishes_queued_and_running_requests_and_refuses_new_ones() -> None:
+    """Unloading a version drains it: what was queued or running is answered, later calls are refused."""
+    runner = GatedRunner(gated=True)
+    batcher = make(runner, max_batch_size=2)
+    running = await occupy_slot(batcher, runner)
+    queued = [asyncio.ensure_future(batcher.submit(rows(x), within())) for x in (1, 2, 3)]
+    await settle()
+    drain = asyncio.ensure_future(batcher.drain(30.0, "v9 is being unloaded"))
+    await settle()
+    with pytest.raises(ShuttingDown, match="v9 is being unloaded"):
+        batcher.submit(rows(4), within())
+    assert not drain.done(), "the drain waits for the work it already had"
+    runner.gate.set()
+    await asyncio.wait_for(drain, 5)
+    assert [r.values for r in await asyncio.gather(running, *queued)] == [[-10.0], [10.0], [20.0], [30.0]]
+    assert runner.sizes == [1, 2, 1]
+
+
+async def test_drain_that_times_out_fails_what_is_left() -> None:
+    runner = GatedRunner(gated=True)
+    batcher = make(runner)
+    running = await occupy_slot(batcher, runner)
+    queued = asyncio.ensure_future(batcher.submit(rows(1), within()))
+    await settle()
+    await asyncio.wait_for(batcher.drain(0.05, "going"), 5)
+    with pytest.raises(ShuttingDown):
+        await queued
+    runner.gate.set()
+    assert (await running).values == [-10.0], "a batch already running is not cut off"
+
+
+async def test_drain_of_an_idle_batcher_returns_at_once() -> None:
+    batcher = make(GatedRunner())
+    await asyncio.wait_for(batcher.drain(30.0, "going"), 1)

@@ -62,3 +62,35 @@ def test_unreadable_or_invalid_config_file(tmp_path: Path) -> None:
         load_settings(write(tmp_path / "bad.toml", "port = \n"), env={})
     with pytest.raises(SettingsError, match="max_delay_ms"):
         load_settings(write(tmp_path / "m.toml", "[models.x.batching]\nmax_delay_ms = -1\n"), env={})
+
+
+def test_secrets_never_show_in_repr_or_str() -> None:
+    settings = load_settings(env={"MLSERVE_ADMIN_TOKEN": "tok-123", "MLSERVE_REDIS_URL": "redis://:pw-456@h:6379/0"})
+    assert settings.admin_token is not None and settings.admin_token.reveal() == "tok-123"
+    assert settings.redis_url is not None and settings.redis_url.reveal().endswith("@h:6379/0")
+    for text in (repr(settings), str(settings), repr(settings.admin_token), f"{settings.redis_url}"):
+        assert "tok-123" not in text and "pw-456" not in text, text
+
+
+@pytest.mark.parametrize(
+    ("host", "loopback"),
+    [("127.0.0.1", True), ("127.0.0.2", True), ("::1", True), ("localhost", True), ("0.0.0.0", False),
+     ("::", False), ("10.1.2.3", False), ("myhost", False)],
+)
+def test_loopback_only_tells_whether_other_machines_can_reach_the_server(host: str, loopback: bool) -> None:
+    assert load_settings(env={"MLSERVE_HOST": host}).loopback_only is loopback
+
+
+def test_preload_takes_all_active_or_a_list(tmp_path: Path) -> None:
+    config = write(tmp_path / "s.toml", '[models.a]\npreload = "active"\n[models.b]\npreload = ["v1", "v3"]\n')
+    settings = load_settings(config, env={})
+    assert settings.models["a"].preload == "active" and settings.models["b"].preload == ["v1", "v3"]
+    assert load_settings(env={}).models.get("c") is None
+    with pytest.raises(SettingsError, match="preload"):
+        load_settings(write(tmp_path / "bad.toml", '[models.a]\npreload = "some"\n'), env={})
+
+
+def test_state_file_defaults_to_beside_the_repository(tmp_path: Path) -> None:
+    settings = load_settings(env={"MLSERVE_MODELS_DIR": str(tmp_path / "repo")})
+    assert settings.state_file == str(tmp_path / "repo.state.json")
+    assert load_settings(env={"MLSERVE_STATE_PATH": "/x/s.json"}).state_file == "/x/s.json"
