@@ -8,6 +8,7 @@ or a missing tool fails in a second, not minutes into a run.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import sys
 from pathlib import Path
@@ -54,6 +55,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--baseline", default=None,
                         help="another mlserve command line (a build of the code before a change); each chosen "
                         "mlserve scenario also runs on it, in the same run, as NAME@baseline")
+    parser.add_argument("--closed-only", action="store_true", help="skip the open-loop points")
     parser.add_argument("--no-offline", action="store_true", help="skip the offline ceiling")
     parser.add_argument("--out-dir", type=Path, default=RESULTS_DIR,
                         help=f"where results go (default {RESULTS_DIR})")
@@ -88,6 +90,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if args.mlserve:
         notes.append(f"mlserve command overridden: {args.mlserve}")
+    if args.closed_only:
+        chosen = [dataclasses.replace(s, closed_only=True) for s in chosen]
     baseline_cmd = servers.mlserve_command(args.baseline) if args.baseline else None
     if baseline_cmd is not None:
         chosen = scenarios.with_baseline(chosen)

@@ -30,11 +30,13 @@ class Scenario:
     model: str = IRIS
     baseline: bool = False
     """Served by the ``--baseline`` command (another build of mlserve) rather than this one."""
+    closed_only: bool = False
+    """Skip the open-loop points (``--closed-only``), for quick before/after comparisons."""
 
     @property
     def open_loop(self) -> bool:
         """Batching-on mlserve scenarios also get open-loop points (latency against arrival rate)."""
-        return self.kind == "mlserve" and self.batching is True
+        return self.kind == "mlserve" and self.batching is True and not self.closed_only
 
     @property
     def peer_model(self) -> str:
