@@ -45,6 +45,7 @@ def add_ratios(points: list[Point], offline: dict[str, Any]) -> None:
     * ``on_off``: batching-on req/s / batching-off req/s (on rows only).
     * ``vs_offline_b32``: served rows/s / offline batch-32 rows/s (1 row/request).
     * ``vs_peer``: mlserve's batching-on req/s / MLServer's on the same model, when it ran.
+    * ``vs_cache_off``: a cache scenario's req/s / the same model's with the cache off (``VERSION-on``).
     """
     for point in closed(points):
         ratios: dict[str, float | None] = {"vs_floor": None, "on_off": None, "vs_offline_b32": None,
@@ -58,6 +59,9 @@ def add_ratios(points: list[Point], offline: dict[str, Any]) -> None:
                 ratios["on_off"] = _div(point["rps"], off["rps"] if off else None)
                 peer = _find(points, f"mlserver-{point['version']}", c)
                 ratios["vs_peer"] = _div(point["rps"], peer["rps"] if peer else None)
+            if point.get("cache"):
+                off = _find(points, f"{point['version']}-on", c)
+                ratios["vs_cache_off"] = _div(point["rps"], off["rps"] if off else None)
             key = f"{point.get('model', 'iris_classifier')}:{point['version']}"
             ratios["vs_offline_b32"] = _div(point["rps"], offline_b32(offline, key))
         point["ratios"] = {k: (round(v, 4) if v is not None else None) for k, v in ratios.items()}

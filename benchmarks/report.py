@@ -44,6 +44,10 @@ def write_all(run: dict[str, Any], out_dir: Path, date: str) -> dict[str, Path]:
     plot_latency(run, paths["latency_png"])
     plot_open_loop(run, paths["open_loop_png"])
     plot_batches(run, paths["batches_png"])
+    if any(p.get("cache") for p in run["points"]) or run.get("outage"):
+        paths["cache_png"] = out_dir / f"{date}-cache.png"
+        run["artefacts"]["cache_png"] = str(paths["cache_png"])
+        plot_cache(run, paths["cache_png"])
     return paths
 
 
@@ -100,6 +104,7 @@ def markdown(run: dict[str, Any]) -> str:
             f"| {_fmt(p.get('other_cpu_pct'), '.0f', '%')} |"
         )
     out.append("")
+    out += _cache_tables(run)
     out += _open_loop_table(run["points"])
 
     offline = run.get("offline") or {}
@@ -142,6 +147,29 @@ def markdown(run: dict[str, Any]) -> str:
         "",
     ]
     return "\n".join(out)
+
+
+def _cache_tables(run: dict[str, Any]) -> list[str]:
+    """The cache scenarios against the floor and against the same model with the cache off."""
+    rows = [p for p in closed(run["points"]) if p.get("cache") and p.get("rps") is not None]
+    out: list[str] = []
+    if rows:
+        out += ["## Prediction cache", "", "| scenario | c | req/s | % floor | vs cache off | p50 ms | p99 ms | non-2xx |",
+                "|---|--:|--:|--:|--:|--:|--:|--:|"]
+        for p in rows:
+            r = p.get("ratios", {})
+            out.append(f"| {p['label']} | {p['concurrency']} | {p['rps']:.0f} | {_pct(r.get('vs_floor'))} "
+                       f"| {_pct(r.get('vs_cache_off'))} | {p['p50_ms']:.2f} | {p['p99_ms']:.2f} | {p['non2xx']} |")
+        out.append("")
+    outage = run.get("outage")
+    if outage:
+        out += [f"### {outage['label']}", "", "| second | Redis | req/s | p99 ms | non-2xx | socket errors |",
+                "|--:|---|--:|--:|--:|--:|"]
+        for s in outage["slices"]:
+            out.append(f"| {s['second']} | {s['redis']} | {s['rps']:.0f} | {s['p99_ms']:.2f} | {s['non2xx']} "
+                       f"| {s['socket_errors']} |")
+        out.append("")
+    return out
 
 
 def _open_loop_table(points: list[dict[str, Any]]) -> list[str]:
@@ -267,6 +295,41 @@ def plot_open_loop(run: dict[str, Any], path: Path) -> None:
     ax.grid(True, which="both", alpha=0.3)
     ax.set_title(f"mlserve latency against load {run['date']}")
     _save(plt, fig, ax, path)
+
+
+def plot_cache(run: dict[str, Any], path: Path) -> None:
+    """Left: req/s at 64 connections of the floor, cache off and each cache scenario. Right: req/s a
+    second while the run's Redis is killed and restarted, against cache off."""
+    plt = _pyplot()
+    fig, (bars, timeline) = plt.subplots(1, 2, figsize=(13, 5), dpi=110, gridspec_kw={"width_ratios": [3, 2]})
+    at64 = {p["scenario"]: p for p in closed(run["points"]) if p["concurrency"] == 64 and p.get("rps")}
+    names = [n for n in ("floor", "v1-on") if n in at64] + [n for n, p in at64.items() if p.get("cache")]
+    bars.barh(range(len(names)), [at64[n]["rps"] for n in names], color="#4c72b0")
+    bars.set_yticks(range(len(names)))
+    bars.set_yticklabels(["v1 cache off" if n == "v1-on" else n for n in names])
+    bars.invert_yaxis()
+    bars.set_xlabel("req/s at 64 connections")
+    bars.grid(True, axis="x", alpha=0.3)
+    outage = run.get("outage")
+    if outage:
+        seconds = [s["second"] for s in outage["slices"]]
+        timeline.plot(seconds, [s["rps"] for s in outage["slices"]], marker="o", label="cache on Redis (L1 off)")
+        down = [s["second"] for s in outage["slices"] if s["redis"] == "down"]
+        if down:
+            timeline.axvspan(min(down) - 0.5, max(down) + 0.5, color="red", alpha=0.12, label="Redis killed")
+        if "v1-on" in at64:
+            timeline.axhline(at64["v1-on"]["rps"], color="grey", linestyle="--", label="cache off")
+        timeline.set_xlabel("second")
+        timeline.set_ylabel("req/s")
+        timeline.set_ylim(bottom=0)
+        timeline.grid(True, alpha=0.3)
+        timeline.legend(fontsize=8)
+    else:
+        timeline.set_visible(False)
+    fig.suptitle(f"mlserve prediction cache {run['date']}")
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
 
 
 def plot_batches(run: dict[str, Any], path: Path) -> None:

@@ -27,7 +27,8 @@ import aiohttp
 
 from benchmarks import analysis, hoststat, imageset, offline, peers, promtext, report, servers
 from benchmarks.openloop import CONNECTIONS, run_open
-from benchmarks.scenarios import OPEN_LOOP_FRACTIONS, Scenario, Timing
+from benchmarks.redisserver import RedisServer
+from benchmarks.scenarios import OPEN_LOOP_FRACTIONS, OUTAGE_SLICES, Scenario, Timing
 from benchmarks.wrk_runner import LoadError, run_wrk
 
 # Other processes using more than this (% of one core) during a point make it suspect.
@@ -51,6 +52,8 @@ class Plan:
     run_offline: bool
     baseline_cmd: list[str] | None = None
     """Another mlserve build that serves the ``@baseline`` scenarios (``--baseline``)."""
+    redis: RedisServer | None = None
+    """The run's own redis-server, for the cache scenarios that use Redis."""
     peer_cmd: Path | None = None
     """MLServer's ``mlserver`` command, for the peer scenarios."""
     notes: list[str] = field(default_factory=list)
@@ -63,7 +66,7 @@ class Plan:
         if scenario.images:
             assert self.image_file is not None
             return [str(self.image_file)]
-        return [scenario.version, scenario.model]
+        return [scenario.version, scenario.model, str(scenario.distinct)]
 
     def open_loop_args(self, scenario: Scenario) -> list[str]:
         if scenario.images:
@@ -95,9 +98,9 @@ def _sigterm_as_interrupt(_signum: int, _frame: object) -> None:
 
 
 def count_steps(plan: Plan, train: bool) -> int:
-    per_server = 1 + len(plan.concurrency)
+    per_server = sum(1 + len(s.concurrency(plan.concurrency)) + s.outage for s in plan.scenarios)
     open_points = sum(s.open_loop for s in plan.scenarios) * len(OPEN_LOOP_FRACTIONS)
-    return int(train) + int(plan.run_offline) + len(plan.scenarios) * per_server + open_points
+    return int(train) + int(plan.run_offline) + per_server + open_points
 
 
 def _wrk_version() -> str:
@@ -306,7 +309,7 @@ def run(plan: Plan) -> dict[str, Any]:
                 plan.notes.append(f"model training failed, mlserve scenarios skipped: {exc}"[:500])
                 plan.scenarios = [s for s in plan.scenarios if s.kind != "mlserve"]
                 plan.run_offline = False
-                progress.total = progress.done + len(plan.scenarios) * (1 + len(plan.concurrency))
+                progress.total = progress.done + count_steps(plan, False) - int(plan.run_offline)
             else:
                 run_record["train_s"] = round(took, 2)
                 progress.end(f"done in {took:.1f}s")
@@ -316,6 +319,8 @@ def run(plan: Plan) -> dict[str, Any]:
             progress.start("offline ceiling (predict in a plain process, batch 1 / 32)")
             run_record["offline"] = offline.measure(models_dir, plan.timing.offline_s)
             progress.end(_offline_summary(run_record["offline"]))
+        if any(s.needs_redis for s in plan.scenarios):
+            _start_redis(plan)
         for scenario in plan.scenarios:
             _run_scenario(scenario, plan, models_dir, date, run_record, progress)
     except KeyboardInterrupt:
@@ -328,6 +333,8 @@ def run(plan: Plan) -> dict[str, Any]:
             shutil.rmtree(tmp_models, ignore_errors=True)
         if plan.image_file is not None:
             plan.image_file.unlink(missing_ok=True)
+        if plan.redis is not None:
+            plan.redis.close()
 
     analysis.add_ratios(run_record["points"], run_record["offline"] or {})
     run_record["headline"] = analysis.headline(run_record["points"])
@@ -383,7 +390,11 @@ def _run_scenario(
         command = plan.baseline_cmd if scenario.baseline else plan.mlserve_cmd
         assert command is not None and models_dir is not None
         argv = servers.mlserve_argv(command, port, models_dir, plan.workers)
-    server = servers.Server(scenario.name, argv, port, log_path, servers.clean_env(scenario.env),
+    env = dict(scenario.env)
+    if scenario.needs_redis and plan.redis is not None:
+        plan.redis.flush()  # each scenario starts from a cold shared cache
+        env["MLSERVE_CACHE__REDIS_URL"] = plan.redis.url
+    server = servers.Server(scenario.name, argv, port, log_path, servers.clean_env(env),
                             ready_path=scenario.ready_path)
     info: dict[str, Any] = {"label": scenario.label, "argv": argv, "env": scenario.env,
                             "log_path": str(log_path)}
@@ -396,7 +407,7 @@ def _run_scenario(
         except servers.ServerStartError as exc:
             info["error"] = str(exc)[:3000]
             progress.end("FAILED to start (see log)")
-            for c in plan.concurrency:
+            for c in scenario.concurrency(plan.concurrency):
                 progress.start(f"{scenario.label} c={c}")
                 progress.end("skipped")
                 run_record["points"].append(_failed_point(scenario, c, "server did not start"))
@@ -405,11 +416,15 @@ def _run_scenario(
         info["sanity"] = _sanity(server, scenario)
         progress.end(f"ready in {info['startup_s']:.1f}s, sanity "
                      f"{'ok' if info['sanity'].get('ok') else 'FAILED ' + str(info['sanity'])[:200]}")
-        for c in plan.concurrency:
+        for c in scenario.concurrency(plan.concurrency):
             header = _point_header(scenario, c)
             if not _step(header, lambda: measure_point(server, scenario, c, plan), server, info,
                          run_record, progress):
                 return
+        if scenario.outage and plan.redis is not None:
+            progress.start(f"{scenario.label}: {sum(OUTAGE_SLICES)} one-second slices")
+            run_record["outage"] = _measure_outage(server, scenario, plan, plan.redis)
+            progress.end(_outage_summary(run_record["outage"]))
         reference = _open_loop_reference(run_record["points"], scenario)
         for fraction in OPEN_LOOP_FRACTIONS if scenario.open_loop and reference else ():
             rate = fraction * reference
@@ -422,6 +437,52 @@ def _run_scenario(
         info["log_levels"] = servers.count_log_levels(log_path)
         if workdir is not None:
             shutil.rmtree(workdir, ignore_errors=True)
+
+
+def _start_redis(plan: Plan) -> None:
+    """Start the run's redis-server, or drop the scenarios that need one (with a note)."""
+    if RedisServer.available():
+        plan.redis = RedisServer()
+        plan.redis.start()
+        return
+    plan.notes.append("redis-server not installed: the Redis cache scenarios were skipped")
+    plan.scenarios = [s for s in plan.scenarios if not s.needs_redis]
+
+
+def _measure_outage(
+    server: servers.Server, scenario: Scenario, plan: Plan, redis: RedisServer
+) -> dict[str, Any]:
+    """Closed loop at 64 connections in one-second wrk runs: Redis up, then killed, then restarted.
+
+    Per slice: req/s, p99 and non-2xx, so the report shows how fast throughput falls back to the
+    cache-off figure and comes back once Redis does.
+    """
+    url = server.base_url + scenario.path
+    args = plan.wrk_args(scenario)
+    run_wrk(url, CONNECTIONS, plan.timing.warmup_s, scenario.script, args, plan.wrk_core)
+    up, down, back = OUTAGE_SLICES
+    slices: list[dict[str, Any]] = []
+    for index in range(up + down + back):
+        if index == up:
+            redis.kill()
+        elif index == up + down:
+            redis.start()
+        result = run_wrk(url, CONNECTIONS, 1.0, scenario.script, args, plan.wrk_core)
+        phase = "up" if index < up else "down" if index < up + down else "back"
+        slices.append({"second": index, "redis": phase, "rps": round(result.rps, 1),
+                       "p99_ms": round(result.p99_ms, 2), "non2xx": result.non2xx,
+                       "socket_errors": result.errors_connect + result.errors_read + result.errors_write
+                       + result.errors_timeout})
+    return {"scenario": scenario.name, "label": scenario.label, "slices": slices}
+
+
+def _outage_summary(outage: dict[str, Any]) -> str:
+    by_phase: dict[str, list[float]] = {}
+    for s in outage["slices"]:
+        by_phase.setdefault(s["redis"], []).append(s["rps"])
+    errors = sum(s["non2xx"] + s["socket_errors"] for s in outage["slices"])
+    return ", ".join(f"Redis {phase}: {sum(r) / len(r):.0f} req/s" for phase, r in by_phase.items()) + (
+        f", {errors} errors")
 
 
 def _open_loop_reference(points: list[dict[str, Any]], scenario: Scenario) -> float:
@@ -469,6 +530,7 @@ def _point_header(scenario: Scenario, concurrency: int, loop: str = "closed") ->
         "model": scenario.model,
         "version": scenario.version,
         "batching": scenario.batching,
+        "cache": scenario.cache,
         "concurrency": concurrency,
         "loop": loop,
     }

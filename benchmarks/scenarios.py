@@ -32,11 +32,27 @@ class Scenario:
     """Served by the ``--baseline`` command (another build of mlserve) rather than this one."""
     closed_only: bool = False
     """Skip the open-loop points (``--closed-only``), for quick before/after comparisons."""
+    cache: str | None = None
+    """The prediction cache: None (off), "l1" (in-process only), "redis" (Redis only, L1 off), or
+    "l1+redis". The harness starts a redis-server of its own for the Redis ones."""
+    distinct: int = 0
+    """Rows drawn from this many distinct rows (cache hits once warm); 0: a fresh row every request."""
+    outage: bool = False
+    """Measure in one-second slices at 64 connections while the run's Redis is killed and restarted."""
+    points: tuple[int, ...] | None = None
+    """Concurrency points of its own (the cache scenarios run at 64 only), else the run's."""
 
     @property
     def open_loop(self) -> bool:
         """Batching-on mlserve scenarios also get open-loop points (latency against arrival rate)."""
-        return self.kind == "mlserve" and self.batching is True and not self.closed_only
+        return self.kind == "mlserve" and self.batching is True and not self.closed_only and self.cache is None
+
+    def concurrency(self, default: list[int]) -> list[int]:
+        return list(self.points) if self.points is not None else default
+
+    @property
+    def needs_redis(self) -> bool:
+        return self.cache is not None and "redis" in self.cache
 
     @property
     def peer_model(self) -> str:
@@ -74,15 +90,28 @@ class Scenario:
             return f"MLServer {PEER_VERSION} {self.version} adaptive batching"
         name = "image" if self.images else self.version
         suffix = " (baseline build)" if self.baseline else ""
+        if self.cache is not None:
+            rows = f"{self.distinct} distinct rows" if self.distinct else "every row new"
+            suffix += f" cache={self.cache}, {rows}{', Redis killed mid-run' if self.outage else ''}"
         return f"{name} batching={'on' if self.batching else 'off'}{suffix}"
 
     @property
     def env(self) -> dict[str, str]:
         """Env vars that define the scenario (batching off = max batch size 1)."""
+        env: dict[str, str] = {}
         if self.kind == "mlserve" and self.batching is False:
-            return {"MLSERVE_BATCHING__MAX_BATCH_SIZE": "1"}
-        return {}
+            env["MLSERVE_BATCHING__MAX_BATCH_SIZE"] = "1"
+        if self.cache is not None:
+            env["MLSERVE_CACHE__ENABLED"] = "true"
+            if self.cache == "redis":
+                env["MLSERVE_CACHE__L1_ENTRIES"] = "0"
+        return env
 
+
+CACHE_DISTINCT = 1000
+"""Distinct rows the cache-hit scenarios draw from: warm after the warm-up, a small working set."""
+OUTAGE_SLICES = (3, 5, 4)
+"""One-second slices of the outage scenario: Redis up, killed, restarted."""
 
 # Order matters a little on a noisy box: the floor goes first so every later
 # ratio uses a floor measured minutes, not hours, apart.
@@ -94,6 +123,13 @@ CATALOGUE: tuple[Scenario, ...] = (
     Scenario("v2-off", "mlserve", "v2", False),
     Scenario("image-on", "mlserve", "v1", True, IMAGES),
     Scenario("image-off", "mlserve", "v1", False, IMAGES),
+    # The prediction cache, at 64 connections, each against v1-on (cache off) in the same run.
+    Scenario("v1-cache-hit", "mlserve", "v1", True, cache="l1", distinct=CACHE_DISTINCT, points=(64,)),
+    Scenario("v1-cache-hit-redis", "mlserve", "v1", True, cache="redis", distinct=CACHE_DISTINCT, points=(64,)),
+    Scenario("v1-cache-miss", "mlserve", "v1", True, cache="l1", points=(64,)),
+    Scenario("v1-cache-miss-redis", "mlserve", "v1", True, cache="l1+redis", points=(64,)),
+    Scenario("v1-cache-outage", "mlserve", "v1", True, cache="redis", distinct=CACHE_DISTINCT, outage=True,
+             points=()),
 )
 # The peers run only when asked for (``--peers`` or ``make bench-peers``): they need their own venv.
 PEERS: tuple[Scenario, ...] = (
@@ -173,5 +209,6 @@ def estimate_seconds(
     servers = len(scenarios) * 5.0
     training = 25.0 if any(s.kind == "mlserve" for s in scenarios) else 0.0
     offline_s = (6 * timing.offline_s + 8.0) if offline else 0.0
-    closed = len(scenarios) * len(concurrency) * per_point
-    return closed + open_points * per_open_point + servers + training + offline_s
+    closed = sum(len(s.concurrency(concurrency)) for s in scenarios) * per_point
+    outage = sum(s.outage for s in scenarios) * (sum(OUTAGE_SLICES) + 3 * timing.warmup_s)
+    return closed + open_points * per_open_point + servers + training + offline_s + outage

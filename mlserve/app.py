@@ -15,7 +15,8 @@ from aiohttp import web
 
 from mlserve.api import admin, health, models, predict
 from mlserve.api.errors import add_fallback_route, guard
-from mlserve.api.keys import CONTROL, METRICS, POOL, REGISTRY, SERVICE, SETTINGS
+from mlserve.api.keys import CACHE, CONTROL, METRICS, POOL, REGISTRY, SERVICE, SETTINGS
+from mlserve.cache import PredictionCache
 from mlserve.control import ControlPlane
 from mlserve.metrics import Metrics
 from mlserve.pool import WorkerPool
@@ -32,6 +33,11 @@ async def _pool_ctx(app: web.Application) -> AsyncIterator[None]:
     await pool.start()
     yield
     await pool.close()
+
+
+async def _cache_ctx(app: web.Application) -> AsyncIterator[None]:
+    yield
+    await app[CACHE].close()
 
 
 async def _control_ctx(app: web.Application) -> AsyncIterator[None]:
@@ -75,11 +81,14 @@ def create_app(settings: Settings) -> web.Application:
     app[CONTROL] = ControlPlane(settings, app[REGISTRY], app[POOL], open_store(settings), app[METRICS])
     app[CONTROL].discover()
     app[METRICS].on_scrape(app[CONTROL].refresh_gauges)
-    app[SERVICE] = ModelService(app[REGISTRY], settings.default_model)
+    app[CACHE] = cache = PredictionCache(settings.cache, settings.cache_redis_url, settings.redis_prefix)
+    app[METRICS].on_scrape(lambda metrics: metrics.cache_breaker_open.set({}, int(cache.breaker_open)))
+    app[SERVICE] = ModelService(app[REGISTRY], cache, settings.default_model)
     if settings.admin_token is None and not settings.loopback_only:
         log.warning("no admin token is set and the server listens on %s, beyond loopback: the admin routes "
             "answer 403 until MLSERVE_ADMIN_TOKEN (or admin_token) is set", settings.host)
     app.cleanup_ctx.append(_pool_ctx)
+    app.cleanup_ctx.append(_cache_ctx)
     app.cleanup_ctx.append(_control_ctx)
     app.cleanup_ctx.append(_gc_ctx)
     predict.add_routes(app)

@@ -69,6 +69,8 @@ class BatchResult(msgspec.Struct, gc=False):
 
     values: list[Any]
     compute_s: float
+    cached: bool = False
+    """Every row came from the prediction cache."""
 
 
 class _Request(msgspec.Struct):

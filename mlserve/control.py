@@ -29,6 +29,7 @@ import numpy as np
 
 from mlserve import repository
 from mlserve.batcher import Batcher, Rows
+from mlserve.cache import CacheView
 from mlserve.errors import Conflict, LoadFailed, PredictionFailed, SettingsError, StateUnavailable
 from mlserve.metrics import Metrics
 from mlserve.pool import WorkerPool
@@ -115,7 +116,9 @@ class ControlPlane:
 
     def _register(self, spec: ModelSpec) -> ServedVersion:
         batching = self._settings.batching_for(spec.name, spec.metadata.batching)
-        served = ServedVersion(spec, batching, self._metrics)
+        ttl_s = self._settings.cache_for(spec.name)
+        cache = CacheView(spec.name, spec.version, ttl_s) if ttl_s is not None else None
+        served = ServedVersion(spec, batching, self._metrics, cache)
         self._registry.add(served)
         return served
 
@@ -357,6 +360,9 @@ class ControlPlane:
                 metrics.warmup_duration.set(labels, served.warm_s)
             if served.batcher is not None:
                 metrics.queue_depth.set(labels, served.batcher.queue_depth)
+            if served.cache is not None:
+                for (layer, result), count in served.cache.counts().items():
+                    metrics.cache_requests.set({**labels, "layer": layer, "result": result}, count)
         for model, count in self.activations.items():
             metrics.activations.set({"model": model}, count)
         metrics.workers_live.set({}, self._pool.live_workers)

@@ -124,6 +124,15 @@ class Metrics:
         self.activations = Counter(
             "mlserve_activations_total", "Changes of a model's active version on this replica.", registry=self.registry
         )
+        self.cache_requests = Counter(
+            "mlserve_cache_requests_total",
+            "Rows looked up in the prediction cache, by model, version, layer (l1, redis) and result "
+            "(hit, miss, error, bypass).",
+            registry=self.registry,
+        )
+        self.cache_breaker_open = self._gauge(
+            "mlserve_cache_breaker_open", "1 while the cache's circuit breaker keeps a failing Redis out of the path."
+        )
         self._on_scrape: list[Callable[[Metrics], None]] = []
 
     def _gauge(self, name: str, doc: str) -> Gauge:

@@ -14,6 +14,7 @@ from typing import Literal
 import numpy as np
 
 from mlserve.batcher import Batcher
+from mlserve.cache import CacheView
 from mlserve.errors import ModelNotFound
 from mlserve.metrics import Metrics
 from mlserve.repository import ModelSpec, version_order
@@ -42,9 +43,12 @@ class ServedVersion:
         "answered",
         "load_s",
         "warm_s",
+        "cache",
     )
 
-    def __init__(self, spec: ModelSpec, batching: BatchingSettings, metrics: Metrics) -> None:
+    def __init__(
+        self, spec: ModelSpec, batching: BatchingSettings, metrics: Metrics, cache: CacheView | None = None
+    ) -> None:
         self.spec = spec
         self.batching = batching
         self.state: State = "unloaded"
@@ -62,6 +66,8 @@ class ServedVersion:
         """An image model's rows are encoded images, decoded in the worker; others' are feature rows."""
         self.labels = tuple(spec.metadata.class_labels)
         """Class names by index, so an integer prediction can be answered with its name too."""
+        self.cache = cache
+        """How this version uses the prediction cache; None when its predictions are not cached."""
         self.load_s: float | None = None
         self.warm_s: float | None = None
         """What the last load cost (the slowest worker's), for the metrics."""

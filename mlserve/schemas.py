@@ -92,6 +92,11 @@ class ModelMetadata(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     image: ImageInput | None = None
 
 
+class CacheInfo(msgspec.Struct):
+    enabled: bool
+    ttl_s: float | None
+
+
 class ModelVersionInfo(msgspec.Struct):
     name: str
     version: str
@@ -107,6 +112,7 @@ class ModelVersionInfo(msgspec.Struct):
     inputs: str
     path: str
     """The version's directory in the repository."""
+    cache: CacheInfo
     error: str | None = None
 
 

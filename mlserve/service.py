@@ -8,11 +8,13 @@ control plane changes what the registry holds; this module only reads it.
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Awaitable
 from typing import Literal
 
 import msgspec
 
 from mlserve.batcher import BatchResult, Rows
+from mlserve.cache import PredictionCache
 from mlserve.errors import ModelNotReady
 from mlserve.registry import Registry, ServedVersion
 from mlserve.routing import Router
@@ -35,6 +37,8 @@ class Call(msgspec.Struct, gc=False):
     routing_key: str | None = None
     """Who is calling (a user id), for sticky experiment arms."""
     request_id: str | None = None
+    fresh: bool = False
+    """Skip the cache lookup (``Cache-Control: no-cache``); the answer is still stored."""
 
 
 def _takes_images(served: ServedVersion) -> bool:
@@ -49,8 +53,9 @@ _FITS = {"image": _takes_images, "features": _takes_features}
 
 
 class ModelService:
-    def __init__(self, registry: Registry, default_model: str | None = None) -> None:
+    def __init__(self, registry: Registry, cache: PredictionCache, default_model: str | None = None) -> None:
         self._router = Router(registry, default_model)
+        self._cache = cache
 
     def route(self, call: Call) -> ServedVersion:
         """The ready version that answers ``call``; raises ``ModelNotReady`` for one that is not."""
@@ -59,15 +64,32 @@ class ModelService:
             raise _not_ready(served)
         return served
 
-    def predict(self, served: ServedVersion, call: Call) -> asyncio.Future[BatchResult]:
-        """Run ``call``'s rows (validated against ``served``) through the version's batcher.
+    def predict(self, served: ServedVersion, call: Call) -> Awaitable[BatchResult]:
+        """Answer ``call``'s rows (validated against ``served``): from the cache, or the batcher.
 
-        Returns the batcher's future itself: a coroutine layer here would cost every request.
+        Without a cache, returns the batcher's future itself: a coroutine layer here would cost every
+        request. A full cache hit is a future already done; only a miss pays for a coroutine.
         """
         batcher = served.batcher
         if batcher is None:  # unloaded since it was routed
             raise _not_ready(served)
-        return batcher.submit(call.rows, call.timeout_s)
+        view = served.cache
+        if view is None:
+            return batcher.submit(call.rows, call.timeout_s)
+        cache = self._cache
+        keys, values, missing = cache.lookup(view, call.rows, call.fresh)
+        if not missing:
+            done: asyncio.Future[BatchResult] = asyncio.get_running_loop().create_future()
+            done.set_result(BatchResult(values, 0.0, cached=True))
+            return done
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + call.timeout_s
+
+        def submit(rows: Rows) -> asyncio.Future[BatchResult]:
+            assert batcher is not None
+            return batcher.submit(rows, deadline - loop.time())
+
+        return cache.complete(view, call.rows, keys, values, missing, submit, not call.fresh)
 
 
 def _not_ready(served: ServedVersion) -> ModelNotReady:

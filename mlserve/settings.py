@@ -78,6 +78,27 @@ def _check_batching(knobs: Mapping[str, float]) -> None:
         raise ValueError(f"batching: {exc}") from None
 
 
+class CacheSettings(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
+    """The prediction cache (``[cache]``); see ``mlserve.cache``."""
+
+    enabled: bool = False
+    """Off by default: a model whose output is not a function of its input must not be cached."""
+    l1_entries: Annotated[int, msgspec.Meta(ge=0)] = 100_000
+    """Rows the in-process LRU holds; 0 turns it off (Redis only)."""
+    ttl_s: PositiveFloat = 300.0
+    redis_url: Secret | None = None
+    """Redis for the shared cache; default: the state store's ``redis_url``. None of either: L1 only."""
+    redis_timeout_ms: PositiveFloat = 20.0
+    """A Redis lookup slower than this counts as a miss."""
+
+
+class ModelCacheSettings(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
+    """``[models.NAME.cache]``: what one model overrides of ``[cache]``."""
+
+    enabled: bool | None = None
+    ttl_s: PositiveFloat | None = None
+
+
 class ModelSettings(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     """Operator overrides for one model name; they win over the model's own ``model.toml``."""
 
@@ -87,6 +108,7 @@ class ModelSettings(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     """Which versions load at start: all of them, only the active one, or those listed (and the
     active one). The others can be loaded or activated later through the admin API."""
     batching: dict[str, float] = {}
+    cache: ModelCacheSettings = ModelCacheSettings()
 
     def __post_init__(self) -> None:
         _check_batching(self.batching)
@@ -139,6 +161,7 @@ class Settings(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     """Prefix of this deployment's Redis keys and channel, so deployments can share one Redis."""
     state_poll_s: PositiveFloat = 5.0
     """How often a replica re-reads the shared state, in case it missed a published change."""
+    cache: CacheSettings = CacheSettings()
 
     def __post_init__(self) -> None:
         _check_batching(self.batching)
@@ -159,6 +182,18 @@ class Settings(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
             return self.state_path
         repository = os.path.abspath(self.models_dir)
         return repository.rstrip(os.sep) + ".state.json"
+
+    def cache_for(self, model: str) -> float | None:
+        """The TTL of ``model``'s cached predictions, or None when its predictions are not cached."""
+        override = self.models.get(model)
+        own = override.cache if override else ModelCacheSettings()
+        enabled = self.cache.enabled if own.enabled is None else own.enabled
+        return (own.ttl_s or self.cache.ttl_s) if enabled else None
+
+    @property
+    def cache_redis_url(self) -> str | None:
+        url = self.cache.redis_url or self.redis_url
+        return url.reveal() if url is not None else None
 
     @property
     def worker_count(self) -> int:

@@ -292,3 +292,23 @@ async def test_a_bad_image_fails_alone_in_its_batch(
         assert metrics.value("mlserve_batch_size_count", model=IMAGES) == 1, "all nine should share one batch"
         assert metrics.value("mlserve_batch_size_sum", model=IMAGES) == 9
         assert metrics.value("mlserve_worker_restarts") == 0 and server.worker_pids() == pids
+
+
+async def test_cached_images_hit_and_an_undecodable_one_is_never_cached(
+    image_models_dir: Path, digits: Any, tmp_path: Path, http: aiohttp.ClientSession
+) -> None:
+    """The same PNG bytes hit; bytes that fail to decode fail again, computed again, never stored."""
+    pictures, labels, held_out = digits
+    with serve(image_models_dir, tmp_path, env={**LIMITS, "MLSERVE_CACHE__ENABLED": "true"}) as server:
+        png = encode(pictures[held_out[2]], "PNG")
+        first, second = await send_raw(http, server, png), await send_raw(http, server, png)
+        assert (first.headers["X-Cache"], second.headers["X-Cache"]) == ("miss", "hit")
+        assert assert_ok(first) | {"inference_time_ms": 0} == assert_ok(second) | {"inference_time_ms": 0}
+        assert second.body["class"] == labels[held_out[2]]
+        truncated = png[: len(png) // 2]
+        for _ in range(2):
+            reply = await send_raw(http, server, truncated)
+            assert_error(reply, 400)
+            assert reply.headers.get("X-Cache") != "hit"
+        metrics = await scrape(http, server)
+        assert metrics.value("mlserve_batch_size_sum", model=IMAGES) == 3, "the good image once, the bad one twice"

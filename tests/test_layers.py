@@ -31,17 +31,18 @@ ALLOWED: dict[str, set[str]] = {
     "worker": {"images", "ipc", "repository", "runtimes", "settings"},
     "pool": {"errors", "ipc", "repository", "settings", "worker"},
     "batcher": {"errors"},
-    "registry": {"batcher", "errors", "metrics", "repository", "settings"},
+    "cache": {"batcher", "errors", "settings"},
+    "registry": {"batcher", "cache", "errors", "metrics", "repository", "settings"},
     "routing": {"errors", "registry"},
     "state": {"errors", "settings"},
-    "control": {"batcher", "errors", "metrics", "pool", "registry", "repository", "settings", "state"},
-    "service": {"batcher", "errors", "registry", "routing"},
+    "control": {"batcher", "cache", "errors", "metrics", "pool", "registry", "repository", "settings", "state"},
+    "service": {"batcher", "cache", "errors", "registry", "routing"},
     "digits_cnn": set(),
     "demo_models": {"digits_cnn", "repository", "runtimes", "schemas"},
     "api": set(),
-    "api.keys": {"control", "metrics", "pool", "registry", "service", "settings"},
+    "api.keys": {"cache", "control", "metrics", "pool", "registry", "service", "settings"},
     "api.errors": {"api.keys", "errors", "metrics", "schemas"},
-    "api.http": {"api.errors", "api.keys", "errors", "schemas"},
+    "api.http": {"api.errors", "api.keys", "batcher", "errors", "schemas"},
     "api.uploads": {"errors", "images"},
     "api.health": {"api.errors", "api.http", "api.keys", "schemas"},
     "api.models": {"api.errors", "api.http", "api.keys", "errors", "registry", "schemas"},
@@ -49,7 +50,9 @@ ALLOWED: dict[str, set[str]] = {
     "api.predict": {
         "api.errors", "api.http", "api.keys", "api.uploads", "errors", "metrics", "registry", "schemas", "service"
     },
-    "app": {"api", "api.errors", "api.keys", "control", "metrics", "pool", "registry", "service", "settings", "state"},
+    "app": {
+        "api", "api.errors", "api.keys", "cache", "control", "metrics", "pool", "registry", "service", "settings", "state"
+    },
     "cli": {"app", "demo_models", "errors", "settings"},
     "": set(),
     "__main__": {"cli"},
@@ -88,7 +91,7 @@ def test_module_imports_only_what_its_layer_allows(path: Path) -> None:
 
 
 def test_the_data_plane_never_reaches_the_control_plane_or_the_http_layer() -> None:
-    for name in ("service", "routing", "registry", "batcher"):
+    for name in ("service", "routing", "registry", "batcher", "cache"):
         assert not {"control", "state", "pool", "app"} & ALLOWED[name], name
     for name, allowed in ALLOWED.items():
         if not name.startswith("api") and name not in ("app", "cli", "__main__"):

@@ -11,6 +11,7 @@ from aiohttp import web
 from mlserve import schemas
 from mlserve.api.errors import validation_path
 from mlserve.api.keys import SETTINGS
+from mlserve.batcher import BatchResult
 from mlserve.errors import BadRequest, ValidationFailed
 
 TIMEOUT_HEADER = "X-Request-Timeout-Ms"
@@ -28,6 +29,17 @@ def decode(decoder: msgspec.json.Decoder[Any], body: bytes) -> Any:
 
 def respond(body: msgspec.Struct, status: int = 200) -> web.Response:
     return web.Response(body=schemas.encoder.encode(body), content_type=JSON, status=status)
+
+
+def wants_fresh(request: web.Request) -> bool:
+    """``Cache-Control: no-cache``: skip the cache lookup (the answer is still stored)."""
+    return "no-cache" in request.headers.get("Cache-Control", "").lower()
+
+
+def mark_cached(response: web.Response, result: BatchResult) -> web.Response:
+    """``X-Cache: hit`` when every row came from the cache, ``miss`` otherwise."""
+    response.headers["X-Cache"] = "hit" if result.cached else "miss"
+    return response
 
 
 def timeout(request: web.Request) -> float:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from aiohttp import web
 
+from mlserve.cache import PredictionCache
 from mlserve.control import ControlPlane
 from mlserve.metrics import Metrics
 from mlserve.pool import WorkerPool
@@ -17,5 +18,6 @@ POOL = web.AppKey("pool", WorkerPool)
 REGISTRY = web.AppKey("registry", Registry)
 SERVICE = web.AppKey("service", ModelService)
 CONTROL = web.AppKey("control", ControlPlane)
+CACHE = web.AppKey("cache", PredictionCache)
 SERVED = web.RequestKey("served", ServedVersion)
 """Request-scoped: the version that answered, so `guard` can label its metrics."""

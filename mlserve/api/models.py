@@ -10,7 +10,7 @@ from mlserve.api.http import respond
 from mlserve.api.keys import REGISTRY
 from mlserve.errors import ModelNotFound
 from mlserve.registry import Registry
-from mlserve.schemas import ModelInfo, ModelsResponse, ModelVersionInfo
+from mlserve.schemas import CacheInfo, ModelInfo, ModelsResponse, ModelVersionInfo
 
 
 def describe(registry: Registry, model: str) -> ModelInfo:
@@ -30,6 +30,7 @@ def describe(registry: Registry, model: str) -> ModelInfo:
             batching=msgspec.structs.asdict(served.batching),
             inputs="image" if served.takes_images else "features",
             path=served.spec.directory,
+            cache=CacheInfo(enabled=served.cache is not None, ttl_s=served.cache.ttl_s if served.cache else None),
             error=served.error,
         )
         for version, served in registry.versions(model).items()

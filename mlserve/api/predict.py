@@ -11,7 +11,7 @@ from aiohttp import web
 
 from mlserve import schemas
 from mlserve.api.errors import metered
-from mlserve.api.http import decode, respond, timeout
+from mlserve.api.http import decode, mark_cached, respond, timeout, wants_fresh
 from mlserve.api.keys import SERVED, SERVICE, SETTINGS
 from mlserve.api.uploads import read_image
 from mlserve.errors import MlserveError, PayloadTooLarge, ValidationFailed
@@ -61,6 +61,8 @@ async def predict(request: web.Request) -> tuple[web.Response, RequestRecorder]:
     served = service.route(call)
     request[SERVED] = served
     checked_rows(call.rows, served, "$.features", single=True)
+    if served.cache is not None:
+        call.fresh = wants_fresh(request)
     result = await service.predict(served, call)
     prediction = result.values[0]
     answer = schemas.PredictResponse(
@@ -70,6 +72,8 @@ async def predict(request: web.Request) -> tuple[web.Response, RequestRecorder]:
         inference_time_ms=result.compute_s * 1000.0,
         label=label(served, prediction),
     )
+    if served.cache is not None:
+        return mark_cached(respond(answer), result), served.answered["predict"]
     return respond(answer), served.answered["predict"]
 
 
@@ -85,6 +89,8 @@ async def predict_batch(request: web.Request) -> tuple[web.Response, RequestReco
     served = service.route(call)
     request[SERVED] = served
     checked_rows(call.rows, served, "$.samples", single=False)
+    if served.cache is not None:
+        call.fresh = wants_fresh(request)
     result = await service.predict(served, call)
     labels = [label(served, value) for value in result.values] if served.labels else []
     answer = schemas.BatchPredictResponse(
@@ -95,6 +101,8 @@ async def predict_batch(request: web.Request) -> tuple[web.Response, RequestReco
         inference_time_ms=result.compute_s * 1000.0,
         labels=labels if labels and None not in labels else None,
     )
+    if served.cache is not None:
+        return mark_cached(respond(answer), result), served.answered["predict_batch"]
     return respond(answer), served.answered["predict_batch"]
 
 
@@ -110,6 +118,8 @@ async def predict_image(request: web.Request) -> tuple[web.Response, RequestReco
     if not served.takes_images:
         raise ValidationFailed(f"{served.spec.key} takes feature rows, not images: POST them to /predict", "model")
     call.rows = [await read_image(request, request.app[SETTINGS].max_image_bytes)]
+    if served.cache is not None:
+        call.fresh = wants_fresh(request)
     result = await service.predict(served, call)
     answer = result.values[0]
     if isinstance(answer, MlserveError):
@@ -123,6 +133,8 @@ async def predict_image(request: web.Request) -> tuple[web.Response, RequestReco
         model_version=served.spec.version,
         inference_time_ms=result.compute_s * 1000.0,
     )
+    if served.cache is not None:
+        return mark_cached(respond(response), result), served.answered["predict_image"]
     return respond(response), served.answered["predict_image"]
 
 

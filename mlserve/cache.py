@@ -1,0 +1,330 @@
+"""The prediction cache: an in-process LRU (L1) in front of an optional shared Redis (L2), row by row.
+
+A row's key is its version's namespace (model and resolved version, so a new active version never
+answers from the old one's entries) and a blake2b digest of its canonical bytes: features packed as
+float64 (so ``1`` and ``1.0`` are one input), an image's own bytes.
+
+The hit path is synchronous: when L1 holds every row, ``lookup`` answers with values and the caller
+builds a done future; no batcher, no task, no Redis. Rows that miss L1 go on, in a coroutine, to
+Redis, where every lookup made in one loop iteration shares one ``MGET``; then to the batcher, where
+identical rows in flight share one computation (single-flight, per process). Results are written to
+L1 at once and to Redis in pipelined batches that no caller awaits. Errors are never stored.
+
+Redis is never on the critical path: a lookup slower than ``redis_timeout_ms`` is a miss, and after
+``BREAKER_FAILURES`` failures in a row a circuit breaker stops asking for ``BREAKER_COOLDOWN_S``,
+then lets traffic probe it again. A dead or paused Redis costs hits, nothing else.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import hashlib
+import logging
+import struct
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import msgspec
+import redis.asyncio as aioredis
+from redis.exceptions import RedisError
+
+from mlserve.batcher import BatchResult, Rows
+from mlserve.errors import DeadlineExceeded, MlserveError
+from mlserve.settings import CacheSettings
+
+log = logging.getLogger(__name__)
+
+BREAKER_FAILURES = 3
+"""Redis failures in a row (errors or timeouts) that open the breaker."""
+BREAKER_COOLDOWN_S = 1.0
+"""How long an open breaker keeps Redis out of the path before traffic probes it again."""
+MAX_PENDING_WRITES = 10_000
+"""Writes waiting for Redis beyond this are dropped: a slow Redis must not grow the server's memory."""
+MISS = object()
+
+Submit = Callable[[Rows], "asyncio.Future[BatchResult]"]
+"""Runs rows through the version's batcher (the deadline is bound in)."""
+_encode = msgspec.msgpack.Encoder().encode
+_decode = msgspec.msgpack.Decoder().decode
+
+
+def row_digest(row: Any) -> bytes:
+    """16 bytes that identify a row's content: an image's bytes, or its features as float64."""
+    if isinstance(row, bytes):
+        return hashlib.blake2b(row, digest_size=16).digest()
+    return hashlib.blake2b(struct.pack(f"<{len(row)}d", *row), digest_size=16).digest()
+
+
+class CacheView:
+    """One version's use of the cache: its key namespace, TTL and counters (read by ``/metrics``)."""
+
+    __slots__ = ("namespace", "ttl_s", "l1_hit", "l1_miss", "redis_hit", "redis_miss", "redis_error", "bypass")
+
+    def __init__(self, model: str, version: str, ttl_s: float) -> None:
+        self.namespace = f"{model}\x00{version}\x00".encode()
+        self.ttl_s = ttl_s
+        self.l1_hit = self.l1_miss = self.redis_hit = self.redis_miss = self.redis_error = self.bypass = 0
+
+    def counts(self) -> dict[tuple[str, str], int]:
+        """(layer, result) -> rows, for ``mlserve_cache_requests_total``."""
+        return {
+            ("l1", "hit"): self.l1_hit,
+            ("l1", "miss"): self.l1_miss,
+            ("redis", "hit"): self.redis_hit,
+            ("redis", "miss"): self.redis_miss,
+            ("redis", "error"): self.redis_error,
+            ("l1", "bypass"): self.bypass,
+        }
+
+
+class _Breaker:
+    def __init__(self) -> None:
+        self.failures = 0
+        self.open_until = 0.0
+
+    def allows(self, now: float) -> bool:
+        return now >= self.open_until
+
+    @property
+    def is_open(self) -> bool:
+        return self.failures >= BREAKER_FAILURES
+
+    def succeeded(self) -> None:
+        if self.failures >= BREAKER_FAILURES:
+            log.warning("Redis answers again: the prediction cache uses it again")
+        self.failures = 0
+
+    def failed(self, now: float, exc: BaseException) -> None:
+        self.failures += 1
+        if self.failures == BREAKER_FAILURES:
+            log.warning("the prediction cache stops asking Redis for %.0fs: %r", BREAKER_COOLDOWN_S, exc)
+        if self.failures >= BREAKER_FAILURES:
+            self.open_until = now + BREAKER_COOLDOWN_S
+
+
+class PredictionCache:
+    def __init__(self, settings: CacheSettings, redis_url: str | None, prefix: str) -> None:
+        self._l1: collections.OrderedDict[bytes, tuple[Any, float]] = collections.OrderedDict()
+        self._l1_entries = settings.l1_entries
+        self._timeout_s = settings.redis_timeout_ms / 1000.0
+        self._redis = (
+            aioredis.Redis.from_url(redis_url, socket_timeout=self._timeout_s, socket_connect_timeout=self._timeout_s)
+            if redis_url
+            else None
+        )
+        self._prefix = f"{prefix}:cache:".encode()
+        self._breaker = _Breaker()
+        self._inflight: dict[bytes, tuple[asyncio.Future[BatchResult], int]] = {}
+        self._lookups: list[tuple[list[bytes], asyncio.Future[list[Any]]]] = []
+        self._writes: list[tuple[bytes, bytes, int]] = []
+        self._writing = False
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    @property
+    def breaker_open(self) -> bool:
+        return self._breaker.is_open
+
+    # -- the request path ---------------------------------------------------------------------------
+
+    def lookup(self, view: CacheView, rows: Rows, bypass: bool) -> tuple[list[bytes], list[Any], list[int]]:
+        """Keys, values found in L1 (``MISS`` elsewhere), and the indices still missing."""
+        namespace = view.namespace
+        keys = [namespace + row_digest(row) for row in rows]
+        if bypass:
+            view.bypass += len(rows)
+            return keys, [MISS] * len(rows), list(range(len(rows)))
+        l1 = self._l1
+        loop = self._loop or self._bind()
+        now = loop.time()
+        values: list[Any] = []
+        missing: list[int] = []
+        for index, key in enumerate(keys):
+            entry = l1.get(key)
+            if entry is not None and entry[1] > now:
+                l1.move_to_end(key)
+                values.append(entry[0])
+            else:
+                values.append(MISS)
+                missing.append(index)
+        view.l1_hit += len(rows) - len(missing)
+        view.l1_miss += len(missing)
+        return keys, values, missing
+
+    async def complete(
+        self,
+        view: CacheView,
+        rows: Rows,
+        keys: list[bytes],
+        values: list[Any],
+        missing: list[int],
+        submit: Submit,
+        ask_redis: bool,
+    ) -> BatchResult:
+        """Fill the rows L1 missed: from Redis, from a computation already in flight, or by computing."""
+        if ask_redis and self._redis is not None:
+            missing = await self._from_redis(view, keys, values, missing)
+            if not missing:
+                return BatchResult(values, 0.0, cached=True)
+        leaders: dict[bytes, list[int]] = {}
+        followers: list[tuple[int, asyncio.Future[BatchResult], int]] = []
+        inflight = self._inflight
+        for index in missing:
+            key = keys[index]
+            running = inflight.get(key)
+            if running is not None:
+                followers.append((index, *running))
+            else:
+                leaders.setdefault(key, []).append(index)
+        compute_s = 0.0
+        if leaders:
+            order = list(leaders)
+            future = submit([rows[leaders[key][0]] for key in order])
+            for position, key in enumerate(order):
+                inflight[key] = (future, position)
+            future.add_done_callback(lambda done: self._settled(view, order, done))
+            result = await future
+            compute_s = result.compute_s
+            for position, key in enumerate(order):
+                for index in leaders[key]:
+                    values[index] = result.values[position]
+        for index, future, position in followers:
+            values[index] = await self._follow(future, position, rows[index], submit)
+        return BatchResult(values, compute_s)
+
+    async def _follow(self, future: asyncio.Future[BatchResult], position: int, row: Any, submit: Submit) -> Any:
+        """Share another request's computation of this row; if that request went away or ran out of
+        time, compute the row for this one."""
+        try:
+            return (await asyncio.shield(future)).values[position]
+        except (asyncio.CancelledError, DeadlineExceeded):
+            task = asyncio.current_task()
+            if task is not None and task.cancelling():
+                raise
+        return (await submit([row])).values[0]
+
+    def _settled(self, view: CacheView, keys: list[bytes], done: asyncio.Future[BatchResult]) -> None:
+        """A computation ended: forget it as in flight and, if it succeeded, store its rows."""
+        inflight = self._inflight
+        for key in keys:
+            running = inflight.get(key)
+            if running is not None and running[0] is done:
+                del inflight[key]
+        if done.cancelled() or done.exception() is not None:
+            return
+        self.store(view, keys, done.result().values)
+
+    def store(self, view: CacheView, keys: Sequence[bytes], values: Sequence[Any]) -> None:
+        loop = self._loop or self._bind()
+        expires = loop.time() + view.ttl_s
+        l1, limit = self._l1, self._l1_entries
+        writes = []
+        for key, value in zip(keys, values):
+            if isinstance(value, MlserveError):
+                continue  # this row's own failure (an image that did not decode): never cached
+            if limit:
+                l1[key] = (value, expires)
+                l1.move_to_end(key)
+                if len(l1) > limit:
+                    l1.popitem(last=False)
+            if self._redis is not None:
+                writes.append((self._prefix + key, _encode(value), int(view.ttl_s * 1000)))
+        if writes and self._breaker.allows(loop.time()) and len(self._writes) < MAX_PENDING_WRITES:
+            self._writes += writes
+            if not self._writing:
+                self._writing = True
+                self._spawn(self._write())
+
+    # -- Redis ---------------------------------------------------------------------------------------
+
+    async def _from_redis(self, view: CacheView, keys: list[bytes], values: list[Any], missing: list[int]) -> list[int]:
+        loop = self._loop or self._bind()
+        if not self._breaker.allows(loop.time()):
+            view.redis_error += len(missing)
+            return missing
+        future: asyncio.Future[list[Any]] = loop.create_future()
+        if not self._lookups:
+            loop.call_soon(self._send_lookups)
+        self._lookups.append(([keys[index] for index in missing], future))
+        found = await future
+        if found is None:
+            view.redis_error += len(missing)
+            return missing
+        still = []
+        l1, limit, expires = self._l1, self._l1_entries, loop.time() + view.ttl_s
+        for index, raw in zip(missing, found):
+            if raw is None:
+                still.append(index)
+                continue
+            values[index] = value = _decode(raw)
+            if limit:
+                l1[keys[index]] = (value, expires)
+                if len(l1) > limit:
+                    l1.popitem(last=False)
+        view.redis_hit += len(missing) - len(still)
+        view.redis_miss += len(still)
+        return still
+
+    def _send_lookups(self) -> None:
+        """Every lookup of this loop iteration, in one MGET."""
+        batch, self._lookups = self._lookups, []
+        self._spawn(self._mget(batch))
+
+    async def _mget(self, batch: list[tuple[list[bytes], asyncio.Future[list[Any]]]]) -> None:
+        assert self._redis is not None
+        loop = self._loop or self._bind()
+        keys = [self._prefix + key for wanted, _ in batch for key in wanted]
+        found: list[Any] | None = None
+        try:
+            async with asyncio.timeout(self._timeout_s):
+                found = await self._redis.mget(keys)
+            self._breaker.succeeded()
+        except (RedisError, OSError, TimeoutError) as exc:
+            self._breaker.failed(loop.time(), exc)
+        start = 0
+        for wanted, future in batch:
+            if not future.done():
+                future.set_result(None if found is None else found[start : start + len(wanted)])  # type: ignore[arg-type]
+            start += len(wanted)
+
+    async def _write(self) -> None:
+        """Drain the pending writes in pipelined batches; a failing Redis drops them."""
+        assert self._redis is not None
+        loop = self._loop or self._bind()
+        try:
+            while self._writes:
+                batch, self._writes = self._writes, []
+                try:
+                    async with asyncio.timeout(self._timeout_s * 5):
+                        async with self._redis.pipeline(transaction=False) as pipe:
+                            for key, value, ttl_ms in batch:
+                                pipe.set(key, value, px=ttl_ms)
+                            await pipe.execute()
+                    self._breaker.succeeded()
+                except (RedisError, OSError, TimeoutError) as exc:
+                    self._breaker.failed(loop.time(), exc)
+                    self._writes.clear()
+        finally:
+            self._writing = False
+
+    def _spawn(self, work: Any) -> None:
+        task = asyncio.get_running_loop().create_task(work)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    def _bind(self) -> asyncio.AbstractEventLoop:
+        self._loop = asyncio.get_running_loop()
+        return self._loop
+
+    async def close(self) -> None:
+        if self._redis is not None:  # first: a dropped connection ends a Redis call at once
+            with contextlib.suppress(RedisError, OSError):
+                await self._redis.connection_pool.disconnect()
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self._redis is not None:
+            with contextlib.suppress(RedisError, OSError):
+                await self._redis.aclose()
