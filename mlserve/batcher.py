@@ -86,6 +86,9 @@ class _Request(msgspec.Struct):
     parts: list[tuple[int, list[Any]]] | None = None
     filled: int = 0
     compute_s: float = 0.0
+    on_result: Callable[[list[Any]], None] | None = None
+    """Hears the outputs as they are delivered, in the same callback (the prediction cache stores
+    them there: a done-callback on the future would cost a loop handle a request)."""
 
     def add_part(self, start: int, values: list[Any], compute_s: float) -> None:
         """Collect one slice of a split request; resolve the caller once every row is back."""
@@ -98,6 +101,8 @@ class _Request(msgspec.Struct):
             self.parts.sort(key=lambda part: part[0])
             merged = [value for _, part in self.parts for value in part]
             self.future.set_result(BatchResult(merged, self.compute_s))
+            if self.on_result is not None:
+                self.on_result(merged)
 
 
 Entries = list[tuple[_Request, int, int]]
@@ -163,7 +168,9 @@ class Batcher:
     def queue_depth(self) -> int:
         return len(self._queue)
 
-    def submit(self, rows: Rows, timeout_s: float) -> asyncio.Future[BatchResult]:
+    def submit(
+        self, rows: Rows, timeout_s: float, on_result: Callable[[list[Any]], None] | None = None
+    ) -> asyncio.Future[BatchResult]:
         """Queue ``rows`` (already validated); the future holds their outputs within ``timeout_s``.
 
         A plain function returning the future, not a coroutine: a coroutine frame a request, created
@@ -181,7 +188,7 @@ class Batcher:
         now = loop.time()
         deadline = now + timeout_s
         future: asyncio.Future[BatchResult] = loop.create_future()
-        self._queue.append(_Request(rows, future, deadline, now))
+        self._queue.append(_Request(rows, future, deadline, now, on_result=on_result))
         self._queued_rows += len(rows)
         if self._free_slots and (
             self._flush is None
@@ -356,6 +363,8 @@ class Batcher:
                 future = request.future
                 if not future.done():
                     future.set_result(BatchResult(part, compute_s))
+                    if request.on_result is not None:
+                        request.on_result(part)
             else:
                 request.add_part(start, part, compute_s)
 

@@ -68,7 +68,7 @@ class ModelService:
         """Answer ``call``'s rows (validated against ``served``): from the cache, or the batcher.
 
         Without a cache, returns the batcher's future itself: a coroutine layer here would cost every
-        request. A full cache hit is a future already done; only a miss pays for a coroutine.
+        request.
         """
         batcher = served.batcher
         if batcher is None:  # unloaded since it was routed
@@ -76,20 +76,7 @@ class ModelService:
         view = served.cache
         if view is None:
             return batcher.submit(call.rows, call.timeout_s)
-        cache = self._cache
-        keys, values, missing = cache.lookup(view, call.rows, call.fresh)
-        if not missing:
-            done: asyncio.Future[BatchResult] = asyncio.get_running_loop().create_future()
-            done.set_result(BatchResult(values, 0.0, cached=True))
-            return done
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + call.timeout_s
-
-        def submit(rows: Rows) -> asyncio.Future[BatchResult]:
-            assert batcher is not None
-            return batcher.submit(rows, deadline - loop.time())
-
-        return cache.complete(view, call.rows, keys, values, missing, submit, not call.fresh)
+        return self._cache.answer(view, call.rows, call.fresh, batcher.submit, call.timeout_s)
 
 
 def _not_ready(served: ServedVersion) -> ModelNotReady:
