@@ -268,7 +268,10 @@ class ControlPlane:
                 except LoadFailed:
                     pass  # reported through its state
             if new_model:
-                self._registry.set_active(spec.name, self._configured_active(spec.name) or self._highest(spec.name))
+                wanted = self._configured_active(spec.name)
+                if wanted is None or self._registry.find(spec.name, wanted) is None:
+                    wanted = self._highest(spec.name)
+                self._registry.set_active(spec.name, wanted)
             return _state_of(served)
 
     # -- what replicas hear ------------------------------------------------------------------------------
