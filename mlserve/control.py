@@ -236,8 +236,17 @@ class ControlPlane:
                 log.warning("rescan skipped %s", error)
             known = {served.spec.key: served for served in self._registry}
             added, removed, missing = [], [], []
-            for key in found.keys() - known.keys():
-                added.append(await self._add(found[key]))
+            new = sorted((found[key] for key in found.keys() - known.keys()), key=_version_key)
+            new_models = {spec.name for spec in new if spec.name not in self._registry.models()}
+            for spec in new:
+                self._register(spec)
+            for model in new_models:
+                wanted = self._configured_active(model)
+                if wanted is None or self._registry.find(model, wanted) is None:
+                    wanted = self._highest(model)
+                self._registry.set_active(model, wanted)
+            for spec in new:
+                added.append(await self._load_new(spec))
             for key in sorted(known.keys() - found.keys()):
                 served = known[key]
                 model, version = served.spec.name, served.spec.version
@@ -251,27 +260,23 @@ class ControlPlane:
             if added or removed:
                 log.info("rescan: %d version(s) added, %d removed", len(added), len(removed))
             return RescanReport(
-                added=sorted(added, key=lambda s: (s.model, repository.version_order(s.version))),
+                added=added,
                 removed=removed,
                 missing_active=missing,
             )
 
-    async def _add(self, spec: ModelSpec) -> VersionState:
+    async def _load_new(self, spec: ModelSpec) -> VersionState:
+        """Load a version a rescan found, if it is its model's active one or its preload names it."""
         async with self._locks[spec.name]:
-            served = self._register(spec)
-            new_model = self._registry.active(spec.name) is None
+            served = self._registry.get(spec.name, spec.version)
             setting = self._settings.models.get(spec.name)
             preload = setting.preload if setting else "all"
-            if new_model or preload == "all" or (isinstance(preload, list) and spec.version in preload):
+            wanted = preload == "all" or (isinstance(preload, list) and spec.version in preload)
+            if wanted or self._registry.active(spec.name) == spec.version:
                 try:
                     await self._load(served)
                 except LoadFailed:
                     pass  # reported through its state
-            if new_model:
-                wanted = self._configured_active(spec.name)
-                if wanted is None or self._registry.find(spec.name, wanted) is None:
-                    wanted = self._highest(spec.name)
-                self._registry.set_active(spec.name, wanted)
             return _state_of(served)
 
     # -- what replicas hear ------------------------------------------------------------------------------
@@ -370,6 +375,10 @@ class ControlPlane:
             metrics.activations.set({"model": model}, count)
         metrics.workers_live.set({}, self._pool.live_workers)
         metrics.worker_restarts.set({}, self._pool.restart_count)
+
+
+def _version_key(spec: ModelSpec) -> tuple[str, tuple[tuple[int, int | str], ...]]:
+    return spec.name, repository.version_order(spec.version)
 
 
 def _state_of(served: ServedVersion) -> VersionState:

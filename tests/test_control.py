@@ -253,3 +253,20 @@ async def test_preload_chooses_what_loads_at_start(
     assert states(await versions(http, server)) == expected
     ready = await call(http, "GET", server.url("/health/ready"))
     assert ready.status == 200, ready.text
+
+
+async def test_rescan_serves_a_new_model_from_its_highest_version(
+    http: aiohttp.ClientSession, start_server: StartServer, demo_models_dir: Path, tmp_path: Path
+) -> None:
+    models = tmp_path / "models"
+    write_model(models, "slow", "v1", SlowModel(0.0))
+    server = start_server(models)
+    copy_versions(demo_models_dir, models, "v1", "v2")
+    report = assert_ok(await call(http, "POST", server.url("/models/rescan")))
+    assert report["added"] == [
+        {"model": IRIS, "version": "v1", "state": "ready"},
+        {"model": IRIS, "version": "v2", "state": "ready"},
+    ]
+    assert (await versions(http, server))["active_version"] == "v2"
+    reply = await predict(http, server, [5.1, 3.5, 1.4, 0.2], model=IRIS)
+    assert assert_ok(reply)["model_version"] == "v2" and reply.body["label"] == "setosa"
