@@ -78,6 +78,14 @@ def _check_batching(knobs: Mapping[str, float]) -> None:
         raise ValueError(f"batching: {exc}") from None
 
 
+def _check_redis_url(url: Secret) -> None:
+    """A Redis URL the client will take, checked at start; the message never shows the URL (it may
+    hold a password)."""
+    scheme, separator, _ = url.reveal().partition("://")
+    if not separator or scheme not in ("redis", "rediss", "unix"):
+        raise ValueError("redis_url and cache.redis_url must start with redis://, rediss:// or unix://")
+
+
 class CacheSettings(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     """The prediction cache (``[cache]``); see ``mlserve.cache``."""
 
@@ -165,6 +173,9 @@ class Settings(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
 
     def __post_init__(self) -> None:
         _check_batching(self.batching)
+        for url in (self.redis_url, self.cache.redis_url):
+            if url is not None:
+                _check_redis_url(url)
 
     @property
     def loopback_only(self) -> bool:

@@ -94,3 +94,11 @@ def test_state_file_defaults_to_beside_the_repository(tmp_path: Path) -> None:
     settings = load_settings(env={"MLSERVE_MODELS_DIR": str(tmp_path / "repo")})
     assert settings.state_file == str(tmp_path / "repo.state.json")
     assert load_settings(env={"MLSERVE_STATE_PATH": "/x/s.json"}).state_file == "/x/s.json"
+
+
+@pytest.mark.parametrize("variable", ["MLSERVE_REDIS_URL", "MLSERVE_CACHE__REDIS_URL"])
+def test_a_redis_url_the_client_would_refuse_stops_the_start_without_showing_it(variable: str) -> None:
+    with pytest.raises(SettingsError, match="redis://") as caught:
+        load_settings(env={variable: "localhost:6379?password=hunter2"})
+    assert "hunter2" not in str(caught.value)
+    assert load_settings(env={variable: "redis://:hunter2@localhost:6379/0"})
