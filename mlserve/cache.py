@@ -135,7 +135,7 @@ class PredictionCache:
         self._breaker = _Breaker()
         self._running: dict[bytes, _Computation] = {}
         """Rows being computed, by key: single-flight within this process."""
-        self._lookups: list[tuple[list[bytes], asyncio.Future[list[Any]]]] = []
+        self._lookups: list[tuple[list[bytes], asyncio.Future[list[Any] | None]]] = []
         self._writes: list[tuple[bytes, bytes, int]] = []
         self._writing = False
         self._tasks: set[asyncio.Task[None]] = set()
@@ -318,7 +318,7 @@ class PredictionCache:
         if not self._breaker.allows(loop.time()):
             view.redis_error += len(missing)
             return missing
-        future: asyncio.Future[list[Any]] = loop.create_future()
+        future: asyncio.Future[list[Any] | None] = loop.create_future()
         if not self._lookups:
             loop.call_soon(self._send_lookups)
         self._lookups.append(([keys[index] for index in missing], future))
@@ -346,7 +346,7 @@ class PredictionCache:
         batch, self._lookups = self._lookups, []
         self._spawn(self._mget(batch))
 
-    async def _mget(self, batch: list[tuple[list[bytes], asyncio.Future[list[Any]]]]) -> None:
+    async def _mget(self, batch: list[tuple[list[bytes], asyncio.Future[list[Any] | None]]]) -> None:
         assert self._redis is not None
         loop = self._loop or self._bind()
         keys = [self._prefix + key for wanted, _ in batch for key in wanted]
@@ -360,7 +360,7 @@ class PredictionCache:
         start = 0
         for wanted, future in batch:
             if not future.done():
-                future.set_result(None if found is None else found[start : start + len(wanted)])  # type: ignore[arg-type]
+                future.set_result(None if found is None else found[start : start + len(wanted)])
             start += len(wanted)
 
     async def _write(self) -> None:

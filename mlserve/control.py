@@ -151,6 +151,7 @@ class ControlPlane:
                         await self._load(served)
                     except LoadFailed:
                         pass  # reported through its state, in /models and /health/ready
+        await self._fall_back()
         self._started = True
         states = self._registry.states()
         failed = [key for key, state in states.items() if state == "failed"]
@@ -163,6 +164,28 @@ class ControlPlane:
             self._pool.size,
         )
         self._tasks.append(asyncio.get_running_loop().create_task(self._store.watch(self._follow)))
+
+    async def _fall_back(self) -> None:
+        """A model whose active version failed to load at start serves its newest version that does.
+
+        One bad artifact must not keep a replica out of service; the store keeps the operator's
+        choice until an activation changes it.
+        """
+        for model, version in list(self._registry.actives().items()):
+            if self._registry.get(model, version).state != "failed":
+                continue
+            for candidate in reversed(self._registry.versions(model).values()):
+                async with self._locks[model]:
+                    if candidate.state == "unloaded":
+                        try:
+                            await self._load(candidate)
+                        except LoadFailed:
+                            continue
+                if candidate.state == "ready":
+                    self._registry.set_active(model, candidate.spec.version)
+                    log.error("%s:%s failed to load; serving %s until another version is activated",
+                              model, version, candidate.spec.key)
+                    break
 
     def _preloaded(self) -> list[ServedVersion]:
         """What loads at start: each model's active version first, then the rest its preload names."""
@@ -291,6 +314,8 @@ class ControlPlane:
                 if served is None:
                     log.warning("another replica activated %s:%s; this replica's repository lacks it", model, version)
                     continue
+                if served.state == "failed":
+                    continue  # reported when it failed; an operator's load or activate retries it
                 if served.state != "ready":
                     try:
                         await self._load(served)

@@ -32,7 +32,9 @@ def x_cache(reply: Reply) -> str | None:
     return reply.headers.get("X-Cache")
 
 
-async def rows_computed(http: aiohttp.ClientSession, server: ServerProc, version: str = "v2", model: str = IRIS) -> float:
+async def rows_computed(
+    http: aiohttp.ClientSession, server: ServerProc, version: str = "v2", model: str = IRIS
+) -> float:
     return (await scrape(http, server)).value("mlserve_batch_size_sum", model=model, version=version)
 
 

@@ -270,3 +270,20 @@ async def test_rescan_serves_a_new_model_from_its_highest_version(
     assert (await versions(http, server))["active_version"] == "v2"
     reply = await predict(http, server, [5.1, 3.5, 1.4, 0.2], model=IRIS)
     assert assert_ok(reply)["model_version"] == "v2" and reply.body["label"] == "setosa"
+
+
+async def test_saved_active_version_that_no_longer_loads_falls_back_to_one_that_does(
+    http: aiohttp.ClientSession, start_server: StartServer, demo_models_dir: Path, tmp_path: Path
+) -> None:
+    """The state says v3, whose artifact is now corrupt: the replica serves v2 and says why."""
+    models = copy_versions(demo_models_dir, tmp_path / "models", "v1", "v2")
+    publish_corrupt(models, "v3")
+    state = tmp_path / "state.json"
+    state.write_text(json.dumps({"active": {IRIS: "v3"}}))
+    config = f'[models.{IRIS}]\npreload = "active"\n'
+    server = start_server(models, env={"MLSERVE_STATE_PATH": str(state)}, config=config)
+    listing = await versions(http, server)
+    assert listing["active_version"] == "v2" and states(listing) == {"v1": "unloaded", "v2": "ready", "v3": "failed"}
+    assert assert_ok(await predict(http, server, [5.1, 3.5, 1.4, 0.2]))["model_version"] == "v2"
+    assert "iris_classifier:v3 failed to load; serving iris_classifier:v2" in server.log()
+    assert json.loads(state.read_text()) == {"active": {IRIS: "v3"}}, "the operator's choice is kept"
