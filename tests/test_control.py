@@ -287,3 +287,23 @@ async def test_saved_active_version_that_no_longer_loads_falls_back_to_one_that_
     assert assert_ok(await predict(http, server, [5.1, 3.5, 1.4, 0.2]))["model_version"] == "v2"
     assert "iris_classifier:v3 failed to load; serving iris_classifier:v2" in server.log()
     assert json.loads(state.read_text()) == {"active": {IRIS: "v3"}}, "the operator's choice is kept"
+
+
+async def test_concurrent_admin_calls_never_leave_the_active_version_unserved(
+    http: aiohttp.ClientSession, start_server: StartServer, demo_models_dir: Path
+) -> None:
+    """Activations, loads and unloads of both versions fired at once: each is applied whole, under
+    the model's lock, and the model always ends with a ready active version that answers."""
+    server = start_server(demo_models_dir)
+    actions = [("activate", "v1"), ("unload", "v2"), ("activate", "v2"), ("unload", "v1"), ("load", "v1"),
+               ("activate", "v1"), ("unload", "v2"), ("load", "v2"), ("activate", "v2"), ("unload", "v1")] * 3
+    replies = await asyncio.gather(*(admin(http, server, action, version) for action, version in actions))
+    for (action, version), reply in zip(actions, replies):
+        if reply.status == 409:
+            assert action == "unload", f"{action} {version}: {reply.text}"
+        else:
+            assert_ok(reply)
+    listing = await versions(http, server)
+    active = listing["active_version"]
+    assert states(listing)[active] == "ready", listing
+    assert assert_ok(await predict(http, server, [5.1, 3.5, 1.4, 0.2]))["model_version"] == active
