@@ -296,16 +296,13 @@ class PredictionCache:
     def store(self, view: CacheView, keys: Sequence[bytes], values: Sequence[Any]) -> None:
         loop = self._loop or self._bind()
         expires = loop.time() + view.ttl_s
-        l1, limit = self._l1, self._l1_entries
+        limit = self._l1_entries
         writes = []
         for key, value in zip(keys, values):
             if isinstance(value, MlserveError):
                 continue  # this row's own failure (an image that did not decode): never cached
             if limit:
-                l1[key] = (value, expires)
-                l1.move_to_end(key)
-                if len(l1) > limit:
-                    l1.popitem(last=False)
+                self._remember(key, value, expires)
             if self._redis is not None:
                 writes.append((self._prefix + key, _encode(value), int(view.ttl_s * 1000)))
         if writes and self._breaker.allows(loop.time()) and len(self._writes) < MAX_PENDING_WRITES:
@@ -313,6 +310,14 @@ class PredictionCache:
             if not self._writing:
                 self._writing = True
                 self._spawn(self._write())
+
+    def _remember(self, key: bytes, value: Any, expires: float) -> None:
+        """Put one row in L1 as its most recent entry, evicting the least recent beyond the limit."""
+        l1 = self._l1
+        l1[key] = (value, expires)
+        l1.move_to_end(key)
+        if len(l1) > self._l1_entries:
+            l1.popitem(last=False)
 
     # -- Redis ---------------------------------------------------------------------------------------
 
@@ -330,16 +335,14 @@ class PredictionCache:
             view.redis_error += len(missing)
             return missing
         still = []
-        l1, limit, expires = self._l1, self._l1_entries, loop.time() + view.ttl_s
+        limit, expires = self._l1_entries, loop.time() + view.ttl_s
         for index, raw in zip(missing, found):
             if raw is None:
                 still.append(index)
                 continue
             values[index] = value = _decode(raw)
             if limit:
-                l1[keys[index]] = (value, expires)
-                if len(l1) > limit:
-                    l1.popitem(last=False)
+                self._remember(keys[index], value, expires)
         view.redis_hit += len(missing) - len(still)
         view.redis_miss += len(still)
         return still

@@ -146,11 +146,7 @@ class ControlPlane:
                 log.warning("the saved active version %s of %s is not in the repository; ignored", version, model)
         for served in self._preloaded():
             async with self._locks[served.spec.name]:
-                if served.state != "ready":
-                    try:
-                        await self._load(served)
-                    except LoadFailed:
-                        pass  # reported through its state, in /models and /health/ready
+                await self._ensure_loaded(served)
         await self._fall_back()
         self._started = True
         states = self._registry.states()
@@ -175,13 +171,11 @@ class ControlPlane:
             if self._registry.get(model, version).state != "failed":
                 continue
             for candidate in reversed(self._registry.versions(model).values()):
+                if candidate.state == "failed":
+                    continue
                 async with self._locks[model]:
-                    if candidate.state == "unloaded":
-                        try:
-                            await self._load(candidate)
-                        except LoadFailed:
-                            continue
-                if candidate.state == "ready":
+                    if not await self._ensure_loaded(candidate):
+                        continue
                     self._registry.set_active(model, candidate.spec.version)
                     log.error("%s:%s failed to load; serving %s until another version is activated",
                               model, version, candidate.spec.key)
@@ -191,15 +185,19 @@ class ControlPlane:
         """What loads at start: each model's active version first, then the rest its preload names."""
         first, rest = [], []
         for model, versions in self._registry.models().items():
-            setting = self._settings.models.get(model)
-            preload = setting.preload if setting else "all"
             active = self._registry.active(model)
             for version, served in versions.items():
                 if version == active:
                     first.append(served)
-                elif preload == "all" or (isinstance(preload, list) and version in preload):
+                elif self._preloads(model, version):
                     rest.append(served)
         return first + rest
+
+    def _preloads(self, model: str, version: str) -> bool:
+        """Whether ``[models.NAME] preload`` names this version (the active one always loads too)."""
+        setting = self._settings.models.get(model)
+        preload = setting.preload if setting else "all"
+        return preload == "all" or (isinstance(preload, list) and version in preload)
 
     @property
     def ready(self) -> bool:
@@ -292,14 +290,8 @@ class ControlPlane:
         """Load a version a rescan found, if it is its model's active one or its preload names it."""
         async with self._locks[spec.name]:
             served = self._registry.get(spec.name, spec.version)
-            setting = self._settings.models.get(spec.name)
-            preload = setting.preload if setting else "all"
-            wanted = preload == "all" or (isinstance(preload, list) and spec.version in preload)
-            if wanted or self._registry.active(spec.name) == spec.version:
-                try:
-                    await self._load(served)
-                except LoadFailed:
-                    pass  # reported through its state
+            if self._preloads(spec.name, spec.version) or self._registry.active(spec.name) == spec.version:
+                await self._ensure_loaded(served)
             return _state_of(served)
 
     # -- what replicas hear ------------------------------------------------------------------------------
@@ -316,18 +308,25 @@ class ControlPlane:
                     continue
                 if served.state == "failed":
                     continue  # reported when it failed; an operator's load or activate retries it
-                if served.state != "ready":
-                    try:
-                        await self._load(served)
-                    except LoadFailed as exc:
-                        log.error("cannot follow the activation of %s: %s", served.spec.key, exc)
-                        continue
+                if not await self._ensure_loaded(served):
+                    log.error("cannot follow the activation of %s: %s", served.spec.key, served.error)
+                    continue
                 previous = self._registry.active(model)
                 self._registry.set_active(model, version)
                 self.activations[model] += 1
                 log.info("activated %s (was %s), as another replica did", served.spec.key, previous)
 
     # -- transitions (callers hold the model's lock) -------------------------------------------------------
+
+    async def _ensure_loaded(self, served: ServedVersion) -> bool:
+        """Load ``served`` unless it is ready; False when the load failed (its state and error say why)."""
+        if served.state == "ready":
+            return True
+        try:
+            await self._load(served)
+        except LoadFailed:
+            return False
+        return True
 
     async def _load(self, served: ServedVersion) -> None:
         spec, knobs = served.spec, served.batching

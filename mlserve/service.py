@@ -7,7 +7,6 @@ control plane changes what the registry holds; this module only reads it.
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import Awaitable
 from typing import Literal
 
