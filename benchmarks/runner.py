@@ -66,6 +66,8 @@ class Plan:
         if scenario.images:
             assert self.image_file is not None
             return [str(self.image_file)]
+        if scenario.experiment is not None:
+            return ["-", scenario.model, str(scenario.distinct), "users"]
         return [scenario.version, scenario.model, str(scenario.distinct)]
 
     def open_loop_args(self, scenario: Scenario) -> list[str]:
@@ -391,6 +393,14 @@ def _run_scenario(
         assert command is not None and models_dir is not None
         argv = servers.mlserve_argv(command, port, models_dir, plan.workers)
     env = dict(scenario.env)
+    if scenario.experiment is not None:
+        workdir = Path(tempfile.mkdtemp(prefix="mlserve-bench-state-"))
+        state = workdir / "state.json"
+        state.write_text(f'{{"experiments": {{"{scenario.model}": {scenario.experiment}}}}}')
+        env["MLSERVE_STATE_PATH"] = str(state)
+    if scenario.prediction_log:
+        workdir = workdir or Path(tempfile.mkdtemp(prefix="mlserve-bench-log-"))
+        env["MLSERVE_PREDICTION_LOG__PATH"] = str(workdir / "predictions.jsonl")
     if scenario.needs_redis and plan.redis is not None:
         plan.redis.flush()  # each scenario starts from a cold shared cache
         env["MLSERVE_CACHE__REDIS_URL"] = plan.redis.url

@@ -41,11 +41,22 @@ class Scenario:
     """Measure in one-second slices at 64 connections while the run's Redis is killed and restarted."""
     points: tuple[int, ...] | None = None
     """Concurrency points of its own (the cache scenarios run at 64 only), else the run's."""
+    prediction_log: bool = False
+    """The prediction log on (metadata only, every request), written to a file in the scenario's temp dir."""
+    experiment: str | None = None
+    """A traffic experiment (its JSON document) on the model, saved in the state file the server starts
+    from; wrk then names no version and sends a random ``X-User-ID`` with every request."""
 
     @property
     def open_loop(self) -> bool:
         """Batching-on mlserve scenarios also get open-loop points (latency against arrival rate)."""
-        return self.kind == "mlserve" and self.batching is True and not self.closed_only and self.cache is None
+        return (
+            self.kind == "mlserve"
+            and self.batching is True
+            and not self.closed_only
+            and self.cache is None
+            and self.experiment is None
+        )
 
     def concurrency(self, default: list[int]) -> list[int]:
         return list(self.points) if self.points is not None else default
@@ -93,6 +104,10 @@ class Scenario:
         if self.cache is not None:
             rows = f"{self.distinct} distinct rows" if self.distinct else "every row new"
             suffix += f" cache={self.cache}, {rows}{', Redis killed mid-run' if self.outage else ''}"
+        if self.experiment is not None:
+            suffix += f" experiment {self.experiment}"
+        if self.prediction_log:
+            suffix += " prediction log on"
         return f"{name} batching={'on' if self.batching else 'off'}{suffix}"
 
     @property
@@ -105,11 +120,15 @@ class Scenario:
             env["MLSERVE_CACHE__ENABLED"] = "true"
             if self.cache == "redis":
                 env["MLSERVE_CACHE__L1_ENTRIES"] = "0"
+        if self.prediction_log:
+            env["MLSERVE_PREDICTION_LOG__ENABLED"] = "true"
         return env
 
 
 CACHE_DISTINCT = 1000
 """Distinct rows the cache-hit scenarios draw from: warm after the warm-up, a small working set."""
+SPLIT = '{"variants": {"v1": 1.0, "v2": 0.0}, "salt": "bench"}'
+SHADOWED = '{"variants": {"v1": 1.0}, "shadow": {"version": "v2", "fraction": 0.1}}'
 OUTAGE_SLICES = (3, 5, 4)
 """One-second slices of the outage scenario: Redis up, killed, restarted."""
 
@@ -130,6 +149,12 @@ CATALOGUE: tuple[Scenario, ...] = (
     Scenario("v1-cache-miss-redis", "mlserve", "v1", True, cache="l1+redis", points=(64,)),
     Scenario("v1-cache-outage", "mlserve", "v1", True, cache="redis", distinct=CACHE_DISTINCT, outage=True,
              points=()),
+    # Traffic experiments, at 64 connections, against v1-on: every call assigned by user (all to v1,
+    # so the model's cost is the same), and the same with 10% of calls copied to v2 in the shadow.
+    Scenario("v1-experiment", "mlserve", "v1", True, experiment=SPLIT, points=(64,)),
+    Scenario("v1-shadow", "mlserve", "v1", True, experiment=SHADOWED, points=(64,)),
+    # The prediction log's cost, at 64 connections, against v1-on (log off): a line for every request.
+    Scenario("v1-log", "mlserve", "v1", True, prediction_log=True, closed_only=True, points=(64,)),
 )
 # The peers run only when asked for (``--peers`` or ``make bench-peers``): they need their own venv.
 PEERS: tuple[Scenario, ...] = (

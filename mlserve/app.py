@@ -13,19 +13,28 @@ from collections.abc import AsyncIterator
 
 from aiohttp import web
 
-from mlserve.api import admin, health, models, predict
+from mlserve.api import admin, experiments, health, models, predict
 from mlserve.api.errors import add_fallback_route, guard
-from mlserve.api.keys import CACHE, CONTROL, METRICS, POOL, REGISTRY, SERVICE, SETTINGS
+from mlserve.api.keys import CACHE, CONTROL, METRICS, POOL, PREDICTION_LOG, REGISTRY, SERVICE, SETTINGS
 from mlserve.cache import PredictionCache
 from mlserve.control import ControlPlane
 from mlserve.metrics import Metrics
 from mlserve.pool import WorkerPool
+from mlserve.predictionlog import PredictionLog
 from mlserve.registry import Registry
 from mlserve.service import ModelService
 from mlserve.settings import Settings
 from mlserve.state import open_store
 
 log = logging.getLogger(__name__)
+
+
+async def _prediction_log_ctx(app: web.Application) -> AsyncIterator[None]:
+    """First in, so last out: every request, the late ones of a graceful shutdown too, is written."""
+    prediction_log = app[PREDICTION_LOG]
+    prediction_log.start()
+    yield
+    await prediction_log.close()
 
 
 async def _pool_ctx(app: web.Application) -> AsyncIterator[None]:
@@ -83,7 +92,12 @@ def create_app(settings: Settings) -> web.Application:
     app[METRICS].on_scrape(app[CONTROL].refresh_gauges)
     app[CACHE] = cache = PredictionCache(settings.cache, settings.cache_redis_url, settings.redis_prefix)
     app[METRICS].on_scrape(lambda metrics: metrics.cache_breaker_open.set({}, int(cache.breaker_open)))
-    app[SERVICE] = ModelService(app[REGISTRY], cache, settings.default_model)
+    app[SERVICE] = service = ModelService(app[REGISTRY], cache, app[METRICS], settings.default_model)
+    app[METRICS].on_scrape(service.shadow.refresh_gauges)
+    if settings.prediction_log.enabled:
+        app[PREDICTION_LOG] = prediction_log = PredictionLog(settings.prediction_log)
+        app[METRICS].on_scrape(lambda metrics: metrics.prediction_log_dropped.set({}, prediction_log.dropped))
+        app.cleanup_ctx.append(_prediction_log_ctx)
     if settings.admin_token is None and not settings.loopback_only:
         log.warning("no admin token is set and the server listens on %s, beyond loopback: the admin routes "
             "answer 403 until MLSERVE_ADMIN_TOKEN (or admin_token) is set", settings.host)
@@ -94,6 +108,7 @@ def create_app(settings: Settings) -> web.Application:
     predict.add_routes(app)
     models.add_routes(app)
     admin.add_routes(app)
+    experiments.add_routes(app)
     health.add_routes(app)
     app.router.add_get("/metrics", guard(app[METRICS].handle), name="metrics")
     add_fallback_route(app)

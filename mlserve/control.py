@@ -9,8 +9,11 @@ drain -> unload:
 - *activate* loads first if needed, records the choice in the state store, then moves the active
   pointer in one step. Calls already routed keep the version (and batcher) they were routed to, so a
   switch fails no request; a store that cannot record it leaves the pointer where it was.
-- *unload* refuses the active version, then drains: new calls are refused, queued and running
-  batches finish, and only then do the workers drop the model.
+- *unload* refuses the active version (and any version an experiment sends calls to), then drains:
+  new calls are refused, queued and running batches finish, and only then do the workers drop the
+  model.
+- *set an experiment* checks the document and that every version it names is ready, records it,
+  then hands it to the router in one step; *end* it the same way.
 
 A replica on a shared store hears every change and applies it the same way, without writing it back.
 """
@@ -30,15 +33,27 @@ import numpy as np
 from mlserve import repository
 from mlserve.batcher import Batcher, Rows
 from mlserve.cache import CacheView
-from mlserve.errors import Conflict, LoadFailed, PredictionFailed, SettingsError, StateUnavailable
+from mlserve.errors import (
+    Conflict,
+    LoadFailed,
+    ModelNotFound,
+    PredictionFailed,
+    SettingsError,
+    StateUnavailable,
+    ValidationFailed,
+)
+from mlserve.experiments import Experiment, check
 from mlserve.metrics import Metrics
 from mlserve.pool import WorkerPool
 from mlserve.registry import Registry, ServedVersion
 from mlserve.repository import ModelSpec
 from mlserve.settings import Settings
-from mlserve.state import StateStore
+from mlserve.state import SharedState, StateStore
 
 log = logging.getLogger(__name__)
+
+MIRROR_QUEUE = 64
+"""Shadow calls a version's mirror lane holds waiting; more are dropped, never queued behind."""
 
 
 class Activation(msgspec.Struct):
@@ -90,6 +105,8 @@ class ControlPlane:
         self._rescan_lock = asyncio.Lock()
         self._tasks: list[asyncio.Task[None]] = []
         self._started = False
+        self._refused: dict[str, Experiment] = {}
+        """Each model's shared experiment that this replica could not run, so it is not retried at every poll."""
         self.activations: collections.Counter[str] = collections.Counter()
 
     # -- start and stop ------------------------------------------------------------------------------
@@ -138,8 +155,8 @@ class ControlPlane:
             saved = await self._store.read()
         except StateUnavailable as exc:
             log.warning("starting from the configured active versions: %s", exc)
-            saved = {}
-        for model, version in saved.items():
+            saved = SharedState()
+        for model, version in saved.active.items():
             if self._registry.find(model, version) is not None:
                 self._registry.set_active(model, version)
             elif model in self._registry.models():
@@ -148,6 +165,9 @@ class ControlPlane:
             async with self._locks[served.spec.name]:
                 await self._ensure_loaded(served)
         await self._fall_back()
+        for model, experiment in saved.experiments.items():
+            async with self._locks[model]:
+                await self._adopt(model, experiment, "saved")
         self._started = True
         states = self._registry.states()
         failed = [key for key, state in states.items() if state == "failed"]
@@ -212,7 +232,8 @@ class ControlPlane:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
         batchers = [served.batcher for served in self._registry if served.batcher]
-        await asyncio.gather(*(b.close(timeout_s) for b in batchers))
+        mirrors = [served.mirror for served in self._registry if served.mirror]
+        await asyncio.gather(*(b.close(timeout_s) for b in batchers), *(m.close(0) for m in mirrors))
 
     # -- the changes -----------------------------------------------------------------------------------
 
@@ -244,8 +265,39 @@ class ControlPlane:
                 raise Conflict(
                     f"{served.spec.key} is the active version: activate another version before unloading it"
                 )
+            if self._in_experiment(model, version):
+                raise Conflict(f"{served.spec.key} takes part in the model's experiment: change or end it first")
             await self._unload(served)
             return _state_of(served)
+
+    async def set_experiment(self, model: str, experiment: Experiment) -> Experiment:
+        """Check, record, then start (or replace) ``model``'s experiment; every version it names must
+        already be ready, so starting one never waits on a load."""
+        async with self._locks[model]:
+            if model not in self._registry.models():
+                raise ModelNotFound(f"unknown model {model!r}")
+            check(experiment)
+            for version, path in experiment.versions():
+                served = self._registry.find(model, version)
+                if served is None:
+                    raise ValidationFailed(f"model {model!r} has no version {version!r}", path)
+                if served.state != "ready":
+                    raise ValidationFailed(f"{served.spec.key} is {served.state}: load it first", path)
+            await self._store.set_experiment(model, experiment)
+            self._registry.set_experiment(model, experiment)
+            log.info("experiment on %s: %s", model, msgspec.json.encode(experiment).decode())
+            return experiment
+
+    async def end_experiment(self, model: str) -> Experiment:
+        """End ``model``'s experiment: calls without a version go to the active version again."""
+        async with self._locks[model]:
+            experiment = self._registry.experiment(model)
+            if experiment is None:
+                raise ModelNotFound(f"model {model!r} has no experiment")
+            await self._store.set_experiment(model, None)
+            self._registry.set_experiment(model, None)
+            log.info("experiment on %s ended", model)
+            return experiment
 
     async def rescan(self) -> RescanReport:
         """Register versions newly in the repository (loading those their preload names) and forget
@@ -272,7 +324,7 @@ class ControlPlane:
                 served = known[key]
                 model, version = served.spec.name, served.spec.version
                 async with self._locks[model]:
-                    if self._registry.active(model) == version:
+                    if self._registry.active(model) == version or self._in_experiment(model, version):
                         missing.append(_state_of(served))
                         continue
                     await self._unload(served)
@@ -296,9 +348,20 @@ class ControlPlane:
 
     # -- what replicas hear ------------------------------------------------------------------------------
 
-    async def _follow(self, shared: dict[str, str]) -> None:
-        """Apply another replica's activations, one model at a time, as this replica would its own."""
-        for model, version in shared.items():
+    async def _follow(self, shared: SharedState) -> None:
+        """Apply another replica's activations and experiments, one model at a time, as this replica
+        would its own."""
+        for model in list(self._registry.models()):
+            wanted = shared.experiments.get(model)
+            if wanted == self._registry.experiment(model):
+                continue
+            async with self._locks[model]:
+                if wanted is None:
+                    self._registry.set_experiment(model, None)
+                    log.info("experiment on %s ended, as another replica did", model)
+                else:
+                    await self._adopt(model, wanted, "another replica's")
+        for model, version in shared.active.items():
             if self._registry.active(model) == version or model not in self._registry.models():
                 continue
             async with self._locks[model]:
@@ -315,6 +378,37 @@ class ControlPlane:
                 self._registry.set_active(model, version)
                 self.activations[model] += 1
                 log.info("activated %s (was %s), as another replica did", served.spec.key, previous)
+
+    def _all_ready(self, model: str, experiment: Experiment) -> bool:
+        named = (self._registry.find(model, version) for version, _ in experiment.versions())
+        return all(served is not None and served.state == "ready" for served in named)
+
+    def _in_experiment(self, model: str, version: str) -> bool:
+        experiment = self._registry.experiment(model)
+        return experiment is not None and version in dict(experiment.versions())
+
+    async def _adopt(self, model: str, experiment: Experiment, whose: str) -> None:
+        """Start an experiment this replica did not check itself (saved, or another replica's): load
+        what it names; if anything fails, serve without it and say why (once, not at every poll)."""
+        if model not in self._registry.models():
+            return
+        if self._refused.get(model) == experiment and not self._all_ready(model, experiment):
+            return  # said why already; retried once an operator loads what it lacks
+        self._refused[model] = experiment
+        try:
+            check(experiment)
+        except ValidationFailed as exc:
+            log.error("ignoring %s experiment on %s: %s at %s", whose, model, exc, exc.path)
+            return
+        for version, _ in experiment.versions():
+            served = self._registry.find(model, version)
+            if served is None or served.state == "failed" or not await self._ensure_loaded(served):
+                why = served.error if served is not None else "this replica's repository lacks it"
+                log.error("cannot run %s experiment on %s: version %s: %s", whose, model, version, why)
+                return
+        del self._refused[model]
+        self._registry.set_experiment(model, experiment)
+        log.info("experiment on %s (%s): %s", model, whose, msgspec.json.encode(experiment).decode())
 
     # -- transitions (callers hold the model's lock) -------------------------------------------------------
 
@@ -351,16 +445,30 @@ class ControlPlane:
             on_queued=served.queue_time.observe,
             on_computed=served.compute_time.observe,
         )
+        served.mirror = Batcher(
+            self._runner(served, background=True),
+            max_batch_size=knobs.max_batch_size,
+            max_delay_ms=0,
+            max_queue=MIRROR_QUEUE,
+            max_inflight=1,
+            name=f"{spec.key} (shadow)",
+        )
         served.state = "ready"
         log.info("loaded %s (%s) in %.2fs", spec.key, spec.metadata.framework, time.perf_counter() - started)
 
-    def _runner(self, served: ServedVersion) -> Callable[[Rows], asyncio.Future[tuple[Any, float]]]:
-        key, pool = served.spec.key, self._pool
+    def _runner(
+        self, served: ServedVersion, background: bool = False
+    ) -> Callable[[Rows], asyncio.Future[tuple[Any, float]]]:
+        """How a batcher runs a batch. A mirror lane's batches run in the background: only on an idle
+        worker, and batches clients wait for avoid that worker, so a slow or broken shadow version
+        holds up no answer; under load, shadow copies are dropped first."""
+        key = served.spec.key
+        predict = self._pool.predict_in_background if background else self._pool.predict
         # An image model's rows are encoded images that its worker decodes; feature rows stack here.
         prepare = _unchanged if served.takes_images else _stacker(served.row_shape)
 
         def run_batch(rows: Rows) -> asyncio.Future[tuple[Any, float]]:
-            return pool.predict(key, prepare(rows))
+            return predict(key, prepare(rows))
 
         return run_batch
 
@@ -369,11 +477,13 @@ class ControlPlane:
             served.state = "unloaded"
             return
         served.state = "draining"
+        if served.mirror is not None:
+            await served.mirror.close(0)
         if served.batcher is not None:
             why = f"{served.spec.key} is being unloaded; call without a version to reach the active one"
             await served.batcher.drain(self._settings.request_timeout_ms / 1000.0, why)
         await self._pool.unload(served.spec.key)
-        served.batcher, served.state = None, "unloaded"
+        served.batcher, served.mirror, served.state = None, None, "unloaded"
         log.info("unloaded %s", served.spec.key)
 
     # -- gauges ----------------------------------------------------------------------------------------------

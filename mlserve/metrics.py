@@ -63,6 +63,20 @@ class RequestRecorder:
         self.duration.observe(seconds)
 
 
+class VariantRecorder(RequestRecorder):
+    """A request recorder that also records into an experiment variant's series."""
+
+    __slots__ = ("base",)
+
+    def __init__(self, base: RequestRecorder, variant: Series) -> None:
+        super().__init__(variant)
+        self.base = base
+
+    def record(self, seconds: float) -> None:
+        self.base.record(seconds)
+        super().record(seconds)
+
+
 class _HistogramFamily:
     """A histogram collector and its accumulators, one a label set, each paired with its exported object."""
 
@@ -133,6 +147,27 @@ class Metrics:
         self.cache_breaker_open = self._gauge(
             "mlserve_cache_breaker_open", "1 while the cache's circuit breaker keeps a failing Redis out of the path."
         )
+        self.shadow = Counter(
+            "mlserve_shadow_total",
+            "Calls copied to an experiment's shadow version, by model, primary and shadow version and result "
+            "(agree, disagree, error, dropped).",
+            registry=self.registry,
+        )
+        self.shadow_duration = self._histogram(
+            "mlserve_shadow_duration_seconds",
+            "Time a shadow version took to answer a copied call, from the copy to its answer.",
+            LATENCY_BUCKETS,
+        )
+        self.variant_duration = self._histogram(
+            "mlserve_variant_request_duration_seconds",
+            "Requests an experiment assigned to a variant (a version), and their duration, by model and variant.",
+            LATENCY_BUCKETS,
+        )
+        self.prediction_log_dropped = Counter(
+            "mlserve_prediction_log_dropped_total",
+            "Prediction log records lost: a write failed, or the reader of standard output fell behind.",
+            registry=self.registry,
+        )
         self._on_scrape: list[Callable[[Metrics], None]] = []
 
     def _gauge(self, name: str, doc: str) -> Gauge:
@@ -153,13 +188,28 @@ class Metrics:
             recorder = self._recorders[key] = RequestRecorder(duration)
         return recorder
 
+    def variant_recorder(self, model: str, version: str, endpoint: str) -> RequestRecorder:
+        """The success recorder of calls an experiment assigned to ``version``: counted as every
+        answered request is, and in the variant's own series."""
+        return VariantRecorder(
+            self.recorder(model, version, endpoint, 200), self.variant_duration.get({"model": model, "variant": version})
+        )
+
     def _export(self) -> None:
         for refresh in self._on_scrape:
             refresh(self)
         for (model, version, endpoint, status), recorder in self._recorders.items():
             labels = {"model": model, "version": version, "endpoint": endpoint, "status": str(status)}
             self._requests.set_value(labels, recorder.count)
-        for family in (self.request_duration, self.queue_duration, self.inference_duration, self.batch_size):
+        families = (
+            self.request_duration,
+            self.queue_duration,
+            self.inference_duration,
+            self.batch_size,
+            self.shadow_duration,
+            self.variant_duration,
+        )
+        for family in families:
             family.export()
 
     async def handle(self, request: web.Request) -> web.Response:

@@ -22,7 +22,7 @@ import numpy as np
 
 from mlserve import ipc
 from mlserve import worker as worker_main
-from mlserve.errors import PredictionFailed, WorkerUnavailable
+from mlserve.errors import PredictionFailed, QueueFull, WorkerUnavailable
 from mlserve.repository import ModelSpec
 from mlserve.settings import WorkerOptions
 
@@ -39,6 +39,8 @@ OnReply = Callable[[int, Any, float], None]
 """Hears a call's reply: ``(status, payload, compute seconds)``; ``STATUS_DIED`` if the worker died first."""
 
 STATUS_DIED = -1
+BACKGROUND_PENALTY = 1_000
+"""How many batches of its own a worker counts a background batch as, when batches pick a worker."""
 
 
 def _settle(future: asyncio.Future[tuple[Any, float]], status: int, payload: Any, compute_s: float) -> None:
@@ -64,6 +66,8 @@ class _Worker(asyncio.Protocol):
         self.process = process
         self.pid: int = process.pid
         self.pending: dict[int, OnReply] = {}
+        self.background = 0
+        """Batches in ``pending`` that no client waits for (shadow copies): others avoid this worker."""
         self.loaded: set[str] = set()
         self.alive = True
         self.transport: asyncio.Transport | None = None
@@ -272,6 +276,28 @@ class WorkerPool:
         self._send_batch(key, rows, result, retries=1)
         return result
 
+    def predict_in_background(self, key: str, rows: np.ndarray | list[bytes]) -> asyncio.Future[tuple[Any, float]]:
+        """Run a batch no client waits for on an idle worker, or raise ``QueueFull`` when none is idle.
+
+        Batches that clients wait for are then sent to other workers while one runs, so a slow
+        background batch never holds one up (unless every worker is already busy with one).
+        """
+        worker = next((w for w in self._live if key in w.loaded and not w.pending), None)
+        if worker is None:
+            raise QueueFull(f"no idle worker for a background batch of {key}")
+        result: asyncio.Future[tuple[Any, float]] = asyncio.get_running_loop().create_future()
+
+        def on_reply(status: int, payload: Any, compute_s: float) -> None:
+            worker.background -= 1
+            if status == STATUS_DIED:
+                result.set_exception(WorkerUnavailable(f"the worker running a background batch of {key} died"))
+            else:
+                _settle(result, status, payload, compute_s)
+
+        worker.send(ipc.Predict(next(self._ids), key, rows), on_reply)
+        worker.background += 1
+        return result
+
     def _send_batch(
         self, key: str, rows: np.ndarray | list[bytes], result: asyncio.Future[tuple[Any, float]], retries: int
     ) -> None:
@@ -292,10 +318,14 @@ class WorkerPool:
             on_reply(STATUS_DIED, str(exc), 0.0)
 
     def _pick(self, key: str) -> _Worker:
+        """The live worker holding ``key`` with the least work ahead, avoiding those on background work."""
         best: _Worker | None = None
+        best_load = 0
         for w in self._live:
-            if key in w.loaded and (best is None or len(w.pending) < len(best.pending)):
-                best = w
+            if key in w.loaded:
+                load = len(w.pending) + (BACKGROUND_PENALTY if w.background else 0)
+                if best is None or load < best_load:
+                    best, best_load = w, load
         if best is None:
             raise WorkerUnavailable(f"no live worker holds {key}; one is restarting")
         return best

@@ -16,12 +16,13 @@ import numpy as np
 from mlserve.batcher import Batcher
 from mlserve.cache import CacheView
 from mlserve.errors import ModelNotFound
+from mlserve.experiments import Experiment
 from mlserve.metrics import Metrics
 from mlserve.repository import ModelSpec, version_order
 from mlserve.settings import BatchingSettings
 
 State = Literal["unloaded", "loading", "ready", "draining", "failed"]
-PREDICTION_ENDPOINTS = ("predict", "predict_batch", "predict_image")
+PREDICTION_ENDPOINTS = ("predict", "predict_ab", "predict_batch", "predict_image")
 
 
 class ServedVersion:
@@ -33,6 +34,7 @@ class ServedVersion:
         "state",
         "error",
         "batcher",
+        "mirror",
         "n_features",
         "row_shape",
         "takes_images",
@@ -41,6 +43,7 @@ class ServedVersion:
         "compute_time",
         "batch_rows",
         "answered",
+        "as_variant",
         "load_s",
         "warm_s",
         "cache",
@@ -54,12 +57,16 @@ class ServedVersion:
         self.state: State = "unloaded"
         self.error: str | None = None
         self.batcher: Batcher | None = None
+        self.mirror: Batcher | None = None
+        """While ready: the lane that shadow calls take, one batch at a time (see ``shadow.py``)."""
         labels = {"model": spec.name, "version": spec.version}
         self.queue_time = metrics.queue_duration.get(labels)
         self.compute_time = metrics.inference_duration.get(labels)
         self.batch_rows = metrics.batch_size.get(labels)
         self.answered = {e: metrics.recorder(spec.name, spec.version, e, 200) for e in PREDICTION_ENDPOINTS}
         """Recorders of successful requests, by endpoint, resolved once for the hot path."""
+        self.as_variant = {e: metrics.variant_recorder(spec.name, spec.version, e) for e in PREDICTION_ENDPOINTS}
+        """The same, for requests an experiment assigned to this version."""
         self.row_shape = tuple(spec.metadata.input_shape)
         self.n_features = int(np.prod(self.row_shape))
         self.takes_images = spec.metadata.image is not None
@@ -79,6 +86,7 @@ class Registry:
     def __init__(self) -> None:
         self._versions: dict[str, dict[str, ServedVersion]] = {}
         self._active: dict[str, str] = {}
+        self._experiments: dict[str, Experiment] = {}
 
     def add(self, served: ServedVersion) -> None:
         self._versions.setdefault(served.spec.name, {})[served.spec.version] = served
@@ -90,6 +98,7 @@ class Registry:
         if not versions:
             self._versions.pop(model, None)
             self._active.pop(model, None)
+            self._experiments.pop(model, None)
 
     def get(self, model: str, version: str) -> ServedVersion:
         versions = self._versions.get(model)
@@ -121,6 +130,20 @@ class Registry:
 
     def actives(self) -> dict[str, str]:
         return self._active
+
+    def set_experiment(self, model: str, experiment: Experiment | None) -> None:
+        """Start, replace or (with None) end a model's experiment; the router sees it at once."""
+        if experiment is None:
+            self._experiments.pop(model, None)
+        else:
+            self._experiments[model] = experiment
+
+    def experiment(self, model: str) -> Experiment | None:
+        return self._experiments.get(model)
+
+    def experiments(self) -> dict[str, Experiment]:
+        """Each model's running experiment; the routing hot path reads this directly."""
+        return self._experiments
 
     def __iter__(self) -> Iterator[ServedVersion]:
         """Every version, model by model."""

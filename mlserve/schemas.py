@@ -7,21 +7,29 @@ decoding a small body.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Annotated, Any
 
 import msgspec
+
+from mlserve.experiments import Shadow
+
+MAX_USER_ID_CHARS = 256
+UserId = Annotated[str, msgspec.Meta(max_length=MAX_USER_ID_CHARS)]
 
 
 class PredictRequest(msgspec.Struct, forbid_unknown_fields=True):
     features: list[float]
     model: str | None = None
     model_version: str | None = None
+    user_id: UserId | None = None
+    """Who is asking, for a sticky experiment arm (the ``X-User-ID`` header wins over it)."""
 
 
 class BatchPredictRequest(msgspec.Struct, forbid_unknown_fields=True):
     samples: list[list[float]]
     model: str | None = None
     model_version: str | None = None
+    user_id: UserId | None = None
 
 
 class PredictResponse(msgspec.Struct, omit_defaults=True):
@@ -32,6 +40,8 @@ class PredictResponse(msgspec.Struct, omit_defaults=True):
     inference_time_ms: float
     label: str | None = None
     """The class name, when the version's ``class_labels`` name the class index predicted."""
+    variant: str | None = None
+    """The version an experiment chose for this call (always present on ``/predict/ab``)."""
 
 
 class BatchPredictResponse(msgspec.Struct, omit_defaults=True):
@@ -41,15 +51,17 @@ class BatchPredictResponse(msgspec.Struct, omit_defaults=True):
     model_version: str
     inference_time_ms: float
     labels: list[str] | None = None
+    variant: str | None = None
 
 
-class ImageResponse(msgspec.Struct):
+class ImageResponse(msgspec.Struct, omit_defaults=True):
     class_: int = msgspec.field(name="class")
     confidence: float
     probabilities: list[float]
     model: str
     model_version: str
     inference_time_ms: float
+    variant: str | None = None
 
 
 class ErrorResponse(msgspec.Struct, omit_defaults=True):
@@ -124,6 +136,19 @@ class ModelInfo(msgspec.Struct):
 
 class ModelsResponse(msgspec.Struct):
     models: list[ModelInfo]
+
+
+class ExperimentView(msgspec.Struct, omit_defaults=True):
+    """A running experiment as the operator set it, with what this replica did with it so far."""
+
+    model: str
+    variants: dict[str, float]
+    salt: str
+    shadow: Shadow | None
+    assigned: dict[str, int]
+    """Calls this replica gave each variant since the experiment began (or last changed)."""
+    shadow_results: dict[str, int] = {}
+    """This replica's shadow copies of the model's calls, by result (agree, disagree, error, dropped)."""
 
 
 class HealthResponse(msgspec.Struct):

@@ -1,4 +1,5 @@
-"""``ModelService``: the data plane. A protocol-neutral ``Call`` is routed to a version, then run.
+"""``ModelService``: the data plane. A protocol-neutral ``Call`` is routed to a version, then run
+(and, when an experiment shadows the model, copied to the shadow version after it answered).
 
 Every protocol's handler decodes its own wire format into a ``Call`` and hands it here, so the
 protocols share routing, readiness and batching and copy none of each other's internals. The
@@ -15,8 +16,11 @@ import msgspec
 from mlserve.batcher import BatchResult, Rows
 from mlserve.cache import PredictionCache
 from mlserve.errors import ModelNotReady
+from mlserve.experiments import Experiment, Shadow
+from mlserve.metrics import Metrics
 from mlserve.registry import Registry, ServedVersion
 from mlserve.routing import Router
+from mlserve.shadow import ShadowTraffic
 
 Inputs = Literal["features", "image"]
 
@@ -34,10 +38,14 @@ class Call(msgspec.Struct, gc=False):
     timeout_s: float
     """How long the call may take from now: the server's deadline or the client's, whichever is sooner."""
     routing_key: str | None = None
-    """Who is calling (a user id), for sticky experiment arms."""
+    """Who is calling (a user id), for sticky experiment arms; read only while experiments run."""
     request_id: str | None = None
     fresh: bool = False
     """Skip the cache lookup (``Cache-Control: no-cache``); the answer is still stored."""
+    variant: str | None = None
+    """Set by ``route`` when an experiment chose the version: that version."""
+    shadow: Shadow | None = None
+    """Set by ``route`` when the model's experiment copies calls to a shadow version."""
 
 
 def _takes_images(served: ServedVersion) -> bool:
@@ -52,16 +60,29 @@ _FITS = {"image": _takes_images, "features": _takes_features}
 
 
 class ModelService:
-    def __init__(self, registry: Registry, cache: PredictionCache, default_model: str | None = None) -> None:
+    def __init__(
+        self, registry: Registry, cache: PredictionCache, metrics: Metrics, default_model: str | None = None
+    ) -> None:
         self._router = Router(registry, default_model)
         self._cache = cache
+        self.shadow = ShadowTraffic(registry, metrics)
+        self.experiments = registry.experiments()
+        """Each model's running experiment: handlers read the caller's user key only while one runs."""
 
     def route(self, call: Call) -> ServedVersion:
         """The ready version that answers ``call``; raises ``ModelNotReady`` for one that is not."""
-        served = self._router.route(call.model, call.version, _FITS[call.inputs])
+        served, arms = self._router.route(call.model, call.version, _FITS[call.inputs], call.routing_key)
+        if arms is not None:
+            if arms.versions:
+                call.variant = served.spec.version
+            call.shadow = arms.shadow
         if served.state != "ready":
             raise _not_ready(served)
         return served
+
+    def assigned(self, model: str, experiment: Experiment) -> dict[str, int]:
+        """Calls this replica gave each of the experiment's variants since it began."""
+        return dict(self._router.arms(model, experiment).assigned)
 
     def predict(self, served: ServedVersion, call: Call) -> Awaitable[BatchResult]:
         """Answer ``call``'s rows (validated against ``served``): from the cache, or the batcher.
@@ -73,9 +94,14 @@ class ModelService:
         if batcher is None:  # unloaded since it was routed
             raise _not_ready(served)
         view = served.cache
+        answer: Awaitable[BatchResult]
         if view is None:
-            return batcher.submit(call.rows, call.timeout_s)
-        return self._cache.answer(view, call.rows, call.fresh, batcher.submit, call.timeout_s)
+            answer = batcher.submit(call.rows, call.timeout_s)
+        else:
+            answer = self._cache.answer(view, call.rows, call.fresh, batcher.submit, call.timeout_s)
+        if call.shadow is None:
+            return answer
+        return self.shadow.follow(served, call.shadow, call.rows, call.timeout_s, answer)
 
 
 def _not_ready(served: ServedVersion) -> ModelNotReady:

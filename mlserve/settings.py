@@ -100,6 +100,23 @@ class CacheSettings(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     """A Redis lookup slower than this counts as a miss."""
 
 
+class PredictionLogSettings(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
+    """The prediction log (``[prediction_log]``): one JSON line per prediction; see ``mlserve.predictionlog``."""
+
+    enabled: bool = False
+    payloads: bool = False
+    """Also log each call's inputs and outputs (an image as its size and sha256). Off by default:
+    inputs may be personal data, and they make the lines as large as the requests."""
+    sample_rate: Annotated[float, msgspec.Meta(ge=0, le=1)] = 1.0
+    """The fraction of predictions logged, drawn at random per request."""
+    path: str | None = None
+    """The file to append to; None or ``"-"``: standard output (the server's own log goes to stderr)."""
+    max_bytes: PositiveInt = 100 << 20
+    """A file is rotated (``path.1``, ``path.2``, ...) before a write would take it past this size."""
+    backups: Annotated[int, msgspec.Meta(ge=0)] = 5
+    """Rotated files kept; 0 keeps none (the file starts over)."""
+
+
 class ModelCacheSettings(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     """``[models.NAME.cache]``: what one model overrides of ``[cache]``."""
 
@@ -170,6 +187,7 @@ class Settings(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     state_poll_s: PositiveFloat = 5.0
     """How often a replica re-reads the shared state, in case it missed a published change."""
     cache: CacheSettings = CacheSettings()
+    prediction_log: PredictionLogSettings = PredictionLogSettings()
 
     def __post_init__(self) -> None:
         _check_batching(self.batching)

@@ -1,11 +1,11 @@
-"""What must survive a restart and be shared by replicas: each model's active version.
+"""What must survive a restart and be shared by replicas: each model's active version and experiment.
 
 Two stores behave alike for the control plane. ``FileStore`` keeps a JSON file, replaced atomically
 (write a temporary file, fsync, rename), so a crash leaves the old state or the new, never half of
 one. ``RedisStore`` keeps a hash in Redis and publishes every change on a channel; every replica
 watches it and re-reads the hash on each notice, and also every ``state_poll_s`` in case it missed
 one (Redis restarted, a network blip), so replicas converge on Redis's word whatever order notices
-arrive in.
+arrive in. An experiment is kept as the document the operator sent.
 
 A store that cannot record a change raises ``StateUnavailable`` and the change is not made: an
 operator is never told that an activation succeeded when a restart would lose it.
@@ -20,19 +20,30 @@ import os
 import tempfile
 from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 import msgspec
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
 from mlserve.errors import StateUnavailable
+from mlserve.experiments import Experiment
 from mlserve.settings import Settings
 
 log = logging.getLogger(__name__)
 
-OnChange = Callable[[dict[str, str]], Awaitable[None]]
-"""Hears the whole shared state (model -> active version) whenever it may have changed."""
+
+class SharedState(msgspec.Struct, forbid_unknown_fields=False, omit_defaults=True):
+    """Everything the store keeps (and the state file's contents)."""
+
+    active: dict[str, str] = {}
+    """Model -> active version."""
+    experiments: dict[str, Experiment] = {}
+    """Model -> its running experiment."""
+
+
+OnChange = Callable[[SharedState], Awaitable[None]]
+"""Hears the whole shared state whenever it may have changed."""
 
 REDIS_TIMEOUT_S = 2.0
 """A Redis that does not answer within this is treated as down: the state feature degrades, the
@@ -40,12 +51,16 @@ data plane never waits on it."""
 
 
 class StateStore(Protocol):
-    async def read(self) -> dict[str, str]:
-        """Each model's saved active version; raises ``StateUnavailable`` when the store cannot be read."""
+    async def read(self) -> SharedState:
+        """The saved state; raises ``StateUnavailable`` when the store cannot be read."""
         ...
 
     async def set_active(self, model: str, version: str) -> None:
         """Record (and, where shared, announce) a model's active version, or raise ``StateUnavailable``."""
+        ...
+
+    async def set_experiment(self, model: str, experiment: Experiment | None) -> None:
+        """Record and announce a model's experiment (None: it ended), or raise ``StateUnavailable``."""
         ...
 
     async def watch(self, on_change: OnChange) -> None:
@@ -56,34 +71,40 @@ class StateStore(Protocol):
     async def close(self) -> None: ...
 
 
-class SavedState(msgspec.Struct, forbid_unknown_fields=False):
-    """The state file's contents."""
-
-    active: dict[str, str] = {}
-
-
 class FileStore:
     def __init__(self, path: str) -> None:
         self.path = Path(path)
-        self._state = SavedState()
+        self._state = SharedState()
         self._lock = asyncio.Lock()
 
-    async def read(self) -> dict[str, str]:
+    async def read(self) -> SharedState:
         try:
             raw = await asyncio.to_thread(self.path.read_bytes)
         except FileNotFoundError:
-            return {}
+            return SharedState()
         except OSError as exc:
             raise StateUnavailable(f"cannot read the state file {self.path}: {exc.strerror}") from None
         try:
-            self._state = msgspec.json.decode(raw, type=SavedState)
+            self._state = msgspec.json.decode(raw, type=SharedState)
         except msgspec.DecodeError as exc:
             raise StateUnavailable(f"the state file {self.path} is unreadable: {exc}") from None
-        return dict(self._state.active)
+        return self._state
 
     async def set_active(self, model: str, version: str) -> None:
+        await self._write(lambda state: msgspec.structs.replace(state, active={**state.active, model: version}))
+
+    async def set_experiment(self, model: str, experiment: Experiment | None) -> None:
+        def change(state: SharedState) -> SharedState:
+            experiments = {name: e for name, e in state.experiments.items() if name != model}
+            if experiment is not None:
+                experiments[model] = experiment
+            return msgspec.structs.replace(state, experiments=experiments)
+
+        await self._write(change)
+
+    async def _write(self, change: Callable[[SharedState], SharedState]) -> None:
         async with self._lock:
-            state = SavedState(active={**self._state.active, model: version})
+            state = change(self._state)
             try:
                 await asyncio.to_thread(_write_atomically, self.path, msgspec.json.format(msgspec.json.encode(state)))
             except OSError as exc:
@@ -123,20 +144,42 @@ class RedisStore:
             url, socket_timeout=REDIS_TIMEOUT_S, socket_connect_timeout=REDIS_TIMEOUT_S, decode_responses=True
         )
         self._key = f"{prefix}:active"
+        self._experiments_key = f"{prefix}:experiments"
         self._channel = f"{prefix}:changes"
         self._poll_s = poll_s
         self._closed = False
 
-    async def read(self) -> dict[str, str]:
-        try:
-            return await self._redis.hgetall(self._key)  # type: ignore[no-any-return,misc]
-        except (RedisError, OSError) as exc:
-            raise StateUnavailable(f"Redis is unavailable: {exc}") from None
-
-    async def set_active(self, model: str, version: str) -> None:
+    async def read(self) -> SharedState:
         try:
             async with self._redis.pipeline(transaction=True) as pipe:
-                pipe.hset(self._key, model, version)
+                pipe.hgetall(self._key)
+                pipe.hgetall(self._experiments_key)
+                active, documents = await pipe.execute()
+        except (RedisError, OSError) as exc:
+            raise StateUnavailable(f"Redis is unavailable: {exc}") from None
+        experiments = {}
+        for model, document in documents.items():
+            try:
+                experiments[model] = msgspec.json.decode(document, type=Experiment)
+            except msgspec.DecodeError as exc:
+                log.warning("ignoring the unreadable experiment of %s in Redis: %s", model, exc)
+        return SharedState(active=active, experiments=experiments)
+
+    async def set_active(self, model: str, version: str) -> None:
+        await self._change(model, lambda pipe: pipe.hset(self._key, model, version))
+
+    async def set_experiment(self, model: str, experiment: Experiment | None) -> None:
+        if experiment is None:
+            await self._change(model, lambda pipe: pipe.hdel(self._experiments_key, model))
+        else:
+            document = msgspec.json.encode(experiment)
+            await self._change(model, lambda pipe: pipe.hset(self._experiments_key, model, document))
+
+    async def _change(self, model: str, write: Callable[[Any], Any]) -> None:
+        """Write and announce in one transaction, so no replica hears of a change it cannot read."""
+        try:
+            async with self._redis.pipeline(transaction=True) as pipe:
+                write(pipe)
                 pipe.publish(self._channel, model)
                 await pipe.execute()
         except (RedisError, OSError) as exc:

@@ -19,7 +19,8 @@ PACKAGE = Path(mlserve.__file__).parent
 
 ALLOWED: dict[str, set[str]] = {
     "errors": set(),
-    "schemas": set(),
+    "experiments": {"errors"},
+    "schemas": {"experiments"},
     "metrics": set(),
     "settings": {"errors"},
     "repository": {"errors", "schemas"},
@@ -32,26 +33,33 @@ ALLOWED: dict[str, set[str]] = {
     "pool": {"errors", "ipc", "repository", "settings", "worker"},
     "batcher": {"errors"},
     "cache": {"batcher", "errors", "settings"},
-    "registry": {"batcher", "cache", "errors", "metrics", "repository", "settings"},
-    "routing": {"errors", "registry"},
-    "state": {"errors", "settings"},
-    "control": {"batcher", "cache", "errors", "metrics", "pool", "registry", "repository", "settings", "state"},
-    "service": {"batcher", "cache", "errors", "registry", "routing"},
+    "registry": {"batcher", "cache", "errors", "experiments", "metrics", "repository", "settings"},
+    "routing": {"errors", "experiments", "registry"},
+    "state": {"errors", "experiments", "settings"},
+    "control": {
+        "batcher", "cache", "errors", "experiments", "metrics", "pool", "registry", "repository", "settings", "state"
+    },
+    "shadow": {"batcher", "errors", "experiments", "metrics", "registry"},
+    "service": {"batcher", "cache", "errors", "experiments", "metrics", "registry", "routing", "shadow"},
+    "predictionlog": {"errors", "settings"},
     "digits_cnn": set(),
     "demo_models": {"digits_cnn", "repository", "runtimes", "schemas"},
     "api": set(),
-    "api.keys": {"cache", "control", "metrics", "pool", "registry", "service", "settings"},
-    "api.errors": {"api.keys", "errors", "metrics", "schemas"},
+    "api.keys": {"batcher", "cache", "control", "metrics", "pool", "predictionlog", "registry", "service", "settings"},
+    "api.errors": {"api.keys", "batcher", "errors", "metrics", "predictionlog", "registry", "schemas", "service"},
     "api.http": {"api.errors", "api.keys", "batcher", "errors", "schemas"},
     "api.uploads": {"errors", "images"},
     "api.health": {"api.errors", "api.http", "api.keys", "schemas"},
     "api.models": {"api.errors", "api.http", "api.keys", "errors", "registry", "schemas"},
     "api.admin": {"api.errors", "api.http", "api.keys", "errors", "settings"},
     "api.predict": {
-        "api.errors", "api.http", "api.keys", "api.uploads", "errors", "metrics", "registry", "schemas", "service"
+        "api.errors", "api.http", "api.keys", "api.uploads", "batcher", "errors", "metrics", "registry", "schemas",
+        "service",
     },
+    "api.experiments": {"api.admin", "api.errors", "api.http", "api.keys", "errors", "experiments", "schemas"},
     "app": {
-        "api", "api.errors", "api.keys", "cache", "control", "metrics", "pool", "registry", "service", "settings", "state"
+        "api", "api.errors", "api.keys", "cache", "control", "metrics", "pool", "predictionlog", "registry", "service",
+        "settings", "state",
     },
     "cli": {"app", "demo_models", "errors", "settings"},
     "": set(),

@@ -14,7 +14,8 @@ from pathlib import Path
 import pytest
 
 from mlserve.errors import StateUnavailable
-from mlserve.state import FileStore, RedisStore
+from mlserve.experiments import Experiment, Shadow
+from mlserve.state import FileStore, RedisStore, SharedState
 from redisproc import RedisProc
 from serverproc import free_port
 
@@ -22,13 +23,20 @@ from serverproc import free_port
 async def test_file_store_reads_back_what_it_wrote(tmp_path: Path) -> None:
     path = tmp_path / "state" / "active.json"
     store = FileStore(str(path))
-    assert await store.read() == {}, "no file yet is no saved state"
+    assert await store.read() == SharedState(), "no file yet is no saved state"
     await store.set_active("iris", "v1")
     await store.set_active("images", "v3")
     await store.set_active("iris", "v2")
-    assert json.loads(path.read_text()) == {"active": {"iris": "v2", "images": "v3"}}
-    assert await FileStore(str(path)).read() == {"iris": "v2", "images": "v3"}, "a new process reads the same"
+    await store.set_experiment("iris", SPLIT)
+    assert json.loads(path.read_text()) == {
+        "active": {"iris": "v2", "images": "v3"},
+        "experiments": {"iris": {"variants": {"v1": 0.8, "v2": 0.2}, "salt": "s"}},
+    }
+    expected = SharedState(active={"iris": "v2", "images": "v3"}, experiments={"iris": SPLIT})
+    assert await FileStore(str(path)).read() == expected, "a new process reads the same"
     assert os.listdir(path.parent) == ["active.json"], "no temporary file is left beside it"
+    await store.set_experiment("iris", None)
+    assert (await FileStore(str(path)).read()).experiments == {}, "an ended experiment is gone after a restart"
 
 
 async def test_file_store_keeps_other_models_when_it_starts_from_a_saved_file(tmp_path: Path) -> None:
@@ -38,6 +46,7 @@ async def test_file_store_keeps_other_models_when_it_starts_from_a_saved_file(tm
     await store.read()
     await store.set_active("a", "v9")
     assert json.loads(path.read_text())["active"] == {"a": "v9", "b": "v2"}
+    assert "experiments" not in json.loads(path.read_text()), "no experiment, no key in the file"
 
 
 async def test_file_store_that_cannot_write_refuses_the_change(tmp_path: Path) -> None:
@@ -55,7 +64,10 @@ async def test_corrupt_state_file_is_reported_not_trusted(tmp_path: Path) -> Non
         await FileStore(str(path)).read()
 
 
-async def heard_state(heard: asyncio.Queue[dict[str, str]], state: dict[str, str]) -> None:
+SPLIT = Experiment(variants={"v1": 0.8, "v2": 0.2}, salt="s")
+
+
+async def heard_state(heard: asyncio.Queue[SharedState], state: SharedState) -> None:
     """Until the watch reports ``state`` (it may report the unchanged state before, on polls)."""
     while (await heard.get()) != state:
         pass
@@ -63,19 +75,26 @@ async def heard_state(heard: asyncio.Queue[dict[str, str]], state: dict[str, str
 
 async def test_redis_store_change_reaches_another_replicas_watch(redis: RedisProc) -> None:
     first, second = RedisStore(redis.url, "t", 30.0), RedisStore(redis.url, "t", 30.0)
-    heard: asyncio.Queue[dict[str, str]] = asyncio.Queue()
+    heard: asyncio.Queue[SharedState] = asyncio.Queue()
 
-    async def on_change(state: dict[str, str]) -> None:
+    async def on_change(state: SharedState) -> None:
         await heard.put(state)
 
     watch = asyncio.create_task(second.watch(on_change))
     try:
-        assert await asyncio.wait_for(heard.get(), 5) == {}, "the watch starts by catching up"
+        assert await asyncio.wait_for(heard.get(), 5) == SharedState(), "the watch starts by catching up"
         await first.set_active("iris", "v1")
         # A notice, not the 30 s poll, brings it.
-        await asyncio.wait_for(heard_state(heard, {"iris": "v1"}), 2)
-        assert await second.read() == {"iris": "v1"}
-        assert await RedisStore(redis.url, "other", 30.0).read() == {}, "another prefix is another deployment"
+        await asyncio.wait_for(heard_state(heard, SharedState(active={"iris": "v1"})), 2)
+        shadowed = Experiment(shadow=Shadow(version="v2", fraction=0.5))
+        await first.set_experiment("iris", shadowed)
+        await asyncio.wait_for(heard_state(heard, SharedState({"iris": "v1"}, {"iris": shadowed})), 2)
+        await first.set_experiment("iris", None)
+        await asyncio.wait_for(heard_state(heard, SharedState(active={"iris": "v1"})), 2)
+        assert await second.read() == SharedState(active={"iris": "v1"})
+        other = RedisStore(redis.url, "other", 30.0)
+        assert await other.read() == SharedState(), "another prefix is another deployment"
+        await other.close()
     finally:
         for store in (first, second):
             await store.close()
@@ -85,9 +104,9 @@ async def test_redis_store_change_reaches_another_replicas_watch(redis: RedisPro
 
 async def test_redis_down_refuses_changes_and_the_watch_recovers(redis: RedisProc) -> None:
     store = RedisStore(redis.url, "t", 0.2)
-    heard: asyncio.Queue[dict[str, str]] = asyncio.Queue()
+    heard: asyncio.Queue[SharedState] = asyncio.Queue()
 
-    async def on_change(state: dict[str, str]) -> None:
+    async def on_change(state: SharedState) -> None:
         await heard.put(state)
 
     watch = asyncio.create_task(store.watch(on_change))
@@ -96,12 +115,14 @@ async def test_redis_down_refuses_changes_and_the_watch_recovers(redis: RedisPro
         redis.stop()
         with pytest.raises(StateUnavailable, match="the change was not made"):
             await store.set_active("iris", "v1")
+        with pytest.raises(StateUnavailable, match="the change was not made"):
+            await store.set_experiment("iris", SPLIT)
         redis.start()
         writer = RedisStore(redis.url, "t", 30.0)
         await writer.set_active("iris", "v2")
         await writer.close()
 
-        await asyncio.wait_for(heard_state(heard, {"iris": "v2"}), 10)
+        await asyncio.wait_for(heard_state(heard, SharedState(active={"iris": "v2"})), 10)
     finally:
         await store.close()
         watch.cancel()

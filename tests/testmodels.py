@@ -31,6 +31,28 @@ class SlowModel:
         return batch[:, 0] * 2
 
 
+class ScaledModel(SlowModel):
+    """Predicts ``factor * x[0]``: a version that disagrees with ``SlowModel`` on every row."""
+
+    def __init__(self, factor: float, delay_s: float = 0.0) -> None:
+        super().__init__(delay_s)
+        self.factor = factor
+
+    def predict(self, batch: np.ndarray) -> np.ndarray:
+        time.sleep(self.delay_s)
+        return batch[:, 0] * self.factor
+
+
+class RaisingModel:
+    """Raises on every real input. Warm-up rows (all zeros) pass, so the version loads and turns
+    ready: a version broken only at predict time."""
+
+    def predict(self, batch: np.ndarray) -> np.ndarray:
+        if batch.any():
+            raise ValueError("this model is broken")
+        return batch[:, 0]
+
+
 class CrashingModel(SlowModel):
     """Kills its worker process when a row's first feature is ``CRASH_VALUE``."""
 

@@ -57,26 +57,26 @@ def _target(request: web.Request) -> tuple[str, str]:
     return request.match_info["name"], request.match_info["version"]
 
 
-async def _finish(change: Awaitable[T]) -> T:
+async def finish(change: Awaitable[T]) -> T:
     """Run a change to the end even if its caller hangs up: a load cut off halfway would leave a
     version stuck in ``loading``."""
     return await asyncio.shield(asyncio.ensure_future(change))
 
 
 async def activate(request: web.Request) -> web.Response:
-    return respond(await _finish(request.app[CONTROL].activate(*_target(request))))
+    return respond(await finish(request.app[CONTROL].activate(*_target(request))))
 
 
 async def load(request: web.Request) -> web.Response:
-    return respond(await _finish(request.app[CONTROL].load(*_target(request))))
+    return respond(await finish(request.app[CONTROL].load(*_target(request))))
 
 
 async def unload(request: web.Request) -> web.Response:
-    return respond(await _finish(request.app[CONTROL].unload(*_target(request))))
+    return respond(await finish(request.app[CONTROL].unload(*_target(request))))
 
 
 async def rescan(request: web.Request) -> web.Response:
-    return respond(await _finish(request.app[CONTROL].rescan()))
+    return respond(await finish(request.app[CONTROL].rescan()))
 
 
 def add_routes(app: web.Application) -> None:

@@ -15,6 +15,8 @@ from mlserve.batcher import BatchResult
 from mlserve.errors import BadRequest, ValidationFailed
 
 TIMEOUT_HEADER = "X-Request-Timeout-Ms"
+USER_HEADER = "X-User-ID"
+VARIANT_HEADER = "X-Variant"
 JSON = "application/json"
 
 
@@ -40,6 +42,14 @@ def mark_cached(response: web.Response, result: BatchResult) -> web.Response:
     """``X-Cache: hit`` when every row came from the cache, ``miss`` otherwise."""
     response.headers["X-Cache"] = "hit" if result.cached else "miss"
     return response
+
+
+def user_key(request: web.Request, from_body: str | None = None) -> str | None:
+    """Who is calling, for a sticky experiment arm: ``X-User-ID``, else ``?user_id=``, else the body's."""
+    key = request.headers.get(USER_HEADER) or request.query.get("user_id") or from_body
+    if key is not None and len(key) > schemas.MAX_USER_ID_CHARS:
+        raise ValidationFailed(f"a user id has at most {schemas.MAX_USER_ID_CHARS} characters", USER_HEADER)
+    return key
 
 
 def timeout(request: web.Request) -> float:

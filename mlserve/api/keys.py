@@ -4,12 +4,14 @@ from __future__ import annotations
 
 from aiohttp import web
 
+from mlserve.batcher import BatchResult
 from mlserve.cache import PredictionCache
 from mlserve.control import ControlPlane
 from mlserve.metrics import Metrics
 from mlserve.pool import WorkerPool
+from mlserve.predictionlog import PredictionLog
 from mlserve.registry import Registry, ServedVersion
-from mlserve.service import ModelService
+from mlserve.service import Call, ModelService
 from mlserve.settings import Settings
 
 SETTINGS = web.AppKey("settings", Settings)
@@ -19,5 +21,11 @@ REGISTRY = web.AppKey("registry", Registry)
 SERVICE = web.AppKey("service", ModelService)
 CONTROL = web.AppKey("control", ControlPlane)
 CACHE = web.AppKey("cache", PredictionCache)
+PREDICTION_LOG = web.AppKey("prediction_log", PredictionLog)
+"""Present only when ``[prediction_log] enabled``: its absence is what keeps the log off the request path."""
 SERVED = web.RequestKey("served", ServedVersion)
 """Request-scoped: the version that answered, so `guard` can label its metrics."""
+CALL = web.RequestKey("call", Call)
+"""Request-scoped: the prediction call as decoded and routed (its rows, variant), for the prediction log."""
+RESULT = web.RequestKey("result", BatchResult)
+"""Request-scoped: the call's outputs, for the prediction log's payloads."""

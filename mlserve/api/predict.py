@@ -1,25 +1,30 @@
-"""The prediction API: ``POST /predict`` (one row), ``POST /predict/batch`` (many rows) and
-``POST /predict/image`` (one image, for models that take images)."""
+"""The prediction API: ``POST /predict`` (one row), ``POST /predict/batch`` (many rows),
+``POST /predict/image`` (one image, for models that take images) and the seed's ``POST /predict/ab``.
+
+Calls that name no version follow the model's experiment when one runs; only then is the caller's
+user key read (``X-User-ID``, ``?user_id=`` or the body's ``user_id``)."""
 
 from __future__ import annotations
 
 import math
 from typing import Any
 
+import msgspec
 import numpy as np
 from aiohttp import web
 
 from mlserve import schemas
 from mlserve.api.errors import metered
-from mlserve.api.http import decode, mark_cached, respond, timeout, wants_fresh
-from mlserve.api.keys import SERVED, SERVICE, SETTINGS
+from mlserve.api.http import VARIANT_HEADER, decode, mark_cached, respond, timeout, user_key, wants_fresh
+from mlserve.api.keys import CALL, PREDICTION_LOG, RESULT, SERVED, SERVICE, SETTINGS
 from mlserve.api.uploads import read_image
+from mlserve.batcher import BatchResult
 from mlserve.errors import MlserveError, PayloadTooLarge, ValidationFailed
 from mlserve.metrics import RequestRecorder
 from mlserve.registry import ServedVersion
 from mlserve.service import Call
 
-IMAGE_QUERY = {"model", "model_version"}
+IMAGE_QUERY = {"model", "model_version", "user_id"}
 
 
 def label(served: ServedVersion, value: Any) -> str | None:
@@ -54,16 +59,41 @@ def checked_rows(samples: list[list[float]], served: ServedVersion, path: str, s
     raise ValidationFailed("features must be finite numbers (no NaN or infinity)", where)
 
 
+def answered(
+    request: web.Request, body: msgspec.Struct, served: ServedVersion, call: Call, result: BatchResult, endpoint: str
+) -> tuple[web.Response, RequestRecorder]:
+    """The response and the recorder of its success; it says when the cache or an experiment answered."""
+    response = respond(body)
+    if served.cache is not None:
+        mark_cached(response, result)
+    if call.variant is None:
+        return response, served.answered[endpoint]
+    response.headers[VARIANT_HEADER] = call.variant
+    return response, served.as_variant[endpoint]
+
+
 async def predict(request: web.Request) -> tuple[web.Response, RequestRecorder]:
+    return await _predict_one(request, "predict")
+
+
+async def predict_ab(request: web.Request) -> tuple[web.Response, RequestRecorder]:
+    """The seed's A/B route: ``/predict``, whose answer always names the version that computed it."""
+    return await _predict_one(request, "predict_ab")
+
+
+async def _predict_one(request: web.Request, endpoint: str) -> tuple[web.Response, RequestRecorder]:
     body = decode(schemas.predict_decoder, await request.read())
     service = request.app[SERVICE]
     call = Call(body.model, body.model_version, [body.features], "features", timeout(request))
+    if service.experiments:
+        call.routing_key = user_key(request, body.user_id)
     served = service.route(call)
     request[SERVED] = served
+    request[CALL] = call
     checked_rows(call.rows, served, "$.features", single=True)
     if served.cache is not None:
         call.fresh = wants_fresh(request)
-    result = await service.predict(served, call)
+    result = request[RESULT] = await service.predict(served, call)
     prediction = result.values[0]
     answer = schemas.PredictResponse(
         prediction=prediction,
@@ -71,10 +101,9 @@ async def predict(request: web.Request) -> tuple[web.Response, RequestRecorder]:
         model_version=served.spec.version,
         inference_time_ms=result.compute_s * 1000.0,
         label=label(served, prediction),
+        variant=call.variant or (served.spec.version if endpoint == "predict_ab" else None),
     )
-    if served.cache is not None:
-        return mark_cached(respond(answer), result), served.answered["predict"]
-    return respond(answer), served.answered["predict"]
+    return answered(request, answer, served, call, result, endpoint)
 
 
 async def predict_batch(request: web.Request) -> tuple[web.Response, RequestRecorder]:
@@ -86,12 +115,15 @@ async def predict_batch(request: web.Request) -> tuple[web.Response, RequestReco
         raise PayloadTooLarge(f"{len(body.samples)} samples is over the limit of {limit} a request")
     service = request.app[SERVICE]
     call = Call(body.model, body.model_version, body.samples, "features", timeout(request))
+    if service.experiments:
+        call.routing_key = user_key(request, body.user_id)
     served = service.route(call)
     request[SERVED] = served
+    request[CALL] = call
     checked_rows(call.rows, served, "$.samples", single=False)
     if served.cache is not None:
         call.fresh = wants_fresh(request)
-    result = await service.predict(served, call)
+    result = request[RESULT] = await service.predict(served, call)
     labels = [label(served, value) for value in result.values] if served.labels else []
     answer = schemas.BatchPredictResponse(
         predictions=result.values,
@@ -100,45 +132,54 @@ async def predict_batch(request: web.Request) -> tuple[web.Response, RequestReco
         model_version=served.spec.version,
         inference_time_ms=result.compute_s * 1000.0,
         labels=labels if labels and None not in labels else None,
+        variant=call.variant,
     )
-    if served.cache is not None:
-        return mark_cached(respond(answer), result), served.answered["predict_batch"]
-    return respond(answer), served.answered["predict_batch"]
+    return answered(request, answer, served, call, result, "predict_batch")
 
 
 async def predict_image(request: web.Request) -> tuple[web.Response, RequestRecorder]:
     query = request.query
     unknown = sorted(set(query) - IMAGE_QUERY)
     if unknown:
-        raise ValidationFailed(f"unknown query parameter {unknown[0]!r}; known: model, model_version", unknown[0])
+        known = ", ".join(sorted(IMAGE_QUERY))
+        raise ValidationFailed(f"unknown query parameter {unknown[0]!r}; known: {known}", unknown[0])
     service = request.app[SERVICE]
     call = Call(query.get("model"), query.get("model_version"), [], "image", timeout(request))
+    if service.experiments:
+        call.routing_key = user_key(request)
     served = service.route(call)
     request[SERVED] = served
+    request[CALL] = call
     if not served.takes_images:
         raise ValidationFailed(f"{served.spec.key} takes feature rows, not images: POST them to /predict", "model")
     call.rows = [await read_image(request, request.app[SETTINGS].max_image_bytes)]
     if served.cache is not None:
         call.fresh = wants_fresh(request)
-    result = await service.predict(served, call)
-    answer = result.values[0]
-    if isinstance(answer, MlserveError):
-        raise answer  # this image's own fault, found by the worker that decoded it
-    best, confidence, probabilities = answer
-    response = schemas.ImageResponse(
+    result = request[RESULT] = await service.predict(served, call)
+    value = result.values[0]
+    if isinstance(value, MlserveError):
+        raise value  # this image's own fault, found by the worker that decoded it
+    best, confidence, probabilities = value
+    answer = schemas.ImageResponse(
         class_=best,
         confidence=confidence,
         probabilities=probabilities,
         model=served.spec.name,
         model_version=served.spec.version,
         inference_time_ms=result.compute_s * 1000.0,
+        variant=call.variant,
     )
-    if served.cache is not None:
-        return mark_cached(respond(response), result), served.answered["predict_image"]
-    return respond(response), served.answered["predict_image"]
+    return answered(request, answer, served, call, result, "predict_image")
 
 
 def add_routes(app: web.Application) -> None:
-    app.router.add_post("/predict", metered(predict, "predict"), name="predict")
-    app.router.add_post("/predict/batch", metered(predict_batch, "predict_batch"), name="predict_batch")
-    app.router.add_post("/predict/image", metered(predict_image, "predict_image"), name="predict_image")
+    """Register the prediction routes; with the prediction log on, each also writes its lines."""
+    log = app.get(PREDICTION_LOG)
+    for path, handler in (
+        ("/predict", predict),
+        ("/predict/ab", predict_ab),
+        ("/predict/batch", predict_batch),
+        ("/predict/image", predict_image),
+    ):
+        name = handler.__name__
+        app.router.add_post(path, metered(handler, name, log), name=name)
