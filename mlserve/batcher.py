@@ -168,6 +168,11 @@ class Batcher:
     def queue_depth(self) -> int:
         return len(self._queue)
 
+    @property
+    def saturated(self) -> bool:
+        """Requests wait, or every batch slot is taken: work that can wait should not be added now."""
+        return bool(self._queue) or not self._free_slots
+
     def submit(
         self, rows: Rows, timeout_s: float, on_result: Callable[[list[Any]], None] | None = None
     ) -> asyncio.Future[BatchResult]:

@@ -39,7 +39,6 @@ class Call(msgspec.Struct, gc=False):
     """How long the call may take from now: the server's deadline or the client's, whichever is sooner."""
     routing_key: str | None = None
     """Who is calling (a user id), for sticky experiment arms; read only while experiments run."""
-    request_id: str | None = None
     fresh: bool = False
     """Skip the cache lookup (``Cache-Control: no-cache``); the answer is still stored."""
     variant: str | None = None

@@ -1,11 +1,12 @@
 """Shadow traffic: copy a fraction of a model's calls to a challenger version and compare the answers.
 
 The copy is sent only once the primary answer is ready and its handler has run, and nothing waits
-for it, so it never delays, changes or fails the answer. It is dropped while calls wait in the
-primary's queue (the server is busy), and otherwise takes the shadow version's mirror lane: one
-batch at a time, only on an idle worker that other batches then avoid, behind a short queue (see
-``ControlPlane._runner``). So under load shadow copies go first, and a slow shadow slows no answer. Each copy ends as
-one of ``agree``, ``disagree``, ``error`` (the shadow failed or ran out of time) or ``dropped``.
+for it, so it never delays, changes or fails the answer. It is dropped while the primary's batcher
+is saturated (calls wait, or every batch slot is busy); otherwise it takes the shadow version's
+mirror lane: one batch at a time, only on an idle worker that other batches then avoid, behind a
+short queue (see ``ControlPlane._runner``). So under load shadow copies go first, and a slow shadow
+slows no answer. Each copy ends as one of ``agree``, ``disagree``, ``error`` (the shadow failed or
+ran out of time) or ``dropped``.
 """
 
 from __future__ import annotations
@@ -58,8 +59,9 @@ class ShadowTraffic:
         target = self._registry.find(served.spec.name, version)
         lane = target.mirror if target is not None else None
         primaries = served.batcher
-        if lane is None or (primaries is not None and primaries.queue_depth):
-            # Calls wait for the primary: the server is busy, and shadow copies are the first to go.
+        if lane is None or (primaries is not None and primaries.saturated):
+            # The primary's batches fill its slots or calls wait: the server is busy, and shadow
+            # copies are the first to go.
             self.outcomes[(*outcome, "dropped")] += 1
             return
         loop = primary.get_loop()
