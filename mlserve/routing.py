@@ -21,7 +21,7 @@ import random
 from collections.abc import Callable
 
 from mlserve.errors import ModelNotFound, ValidationFailed
-from mlserve.experiments import Experiment, Shadow
+from mlserve.experiments import Experiment
 from mlserve.registry import Registry, ServedVersion
 
 Fits = Callable[[ServedVersion], bool]
@@ -32,7 +32,7 @@ POINT_SCALE = 2.0**64
 class Arms:
     """A model's running experiment, compiled for the hot path, with the calls each arm was given."""
 
-    __slots__ = ("experiment", "versions", "weights", "salts", "cumulative", "assigned", "shadow")
+    __slots__ = ("experiment", "versions", "weights", "salts", "cumulative", "assigned")
 
     def __init__(self, model: str, experiment: Experiment) -> None:
         self.experiment = experiment
@@ -43,7 +43,6 @@ class Arms:
         self.cumulative = list(itertools.accumulate(self.weights))
         self.assigned = dict.fromkeys(experiment.variants, 0)
         """Calls this replica gave each arm since the experiment (in this form) began."""
-        self.shadow: Shadow | None = experiment.shadow
 
     def pick(self, user: str | None) -> str:
         """The arm of ``user`` (always the same), or a random arm by weight when there is no user."""

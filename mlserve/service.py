@@ -74,7 +74,7 @@ class ModelService:
         if arms is not None:
             if arms.versions:
                 call.variant = served.spec.version
-            call.shadow = arms.shadow
+            call.shadow = arms.experiment.shadow
         if served.state != "ready":
             raise _not_ready(served)
         return served

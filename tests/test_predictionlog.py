@@ -22,7 +22,7 @@ from aiohttp import web
 from aiohttp.test_utils import TestServer
 
 from mlserve import predictionlog
-from mlserve.api.errors import metered
+from mlserve.api.logged import logged
 from mlserve.api.keys import CALL, METRICS, RESULT, SERVED
 from mlserve.batcher import BatchResult
 from mlserve.demo_models import IRIS
@@ -169,7 +169,7 @@ async def serve_logged(handler: Any, log: PredictionLog) -> TestServer:
 
     app = web.Application()
     app[METRICS] = Metrics()
-    app.router.add_post("/predict", metered(metered_handler, "predict_image", log))
+    app.router.add_post("/predict", logged(metered_handler, "predict_image", log))
     server = TestServer(app)
     await server.start_server()
     log.start()

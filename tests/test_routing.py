@@ -165,7 +165,7 @@ def test_router_follows_the_experiment_unless_a_version_is_named() -> None:
     registry.set_experiment("iris", Experiment(shadow=Shadow(version="v2", fraction=0.5)))
     version, arms = router.route("iris", None)
     assert version.spec.version == "v1", "a shadow-only experiment leaves the active version answering"
-    assert arms is not None and arms.shadow == Shadow(version="v2", fraction=0.5)
+    assert arms is not None and arms.experiment.shadow == Shadow(version="v2", fraction=0.5)
     registry.set_experiment("iris", None)
     assert router.route("iris", None) == (registry.get("iris", "v1"), None)
 

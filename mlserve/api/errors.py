@@ -12,24 +12,18 @@ Unknown paths and methods reach ``unmatched``, a catch-all route registered last
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import logging
 import re
 import time
 from collections.abc import Awaitable, Callable
-from typing import Any
 
 import msgspec
 from aiohttp import web
 
 from mlserve import errors
-from mlserve.api.keys import CALL, METRICS, RESULT, SERVED
-from mlserve.batcher import BatchResult
+from mlserve.api.keys import METRICS, SERVED
 from mlserve.metrics import RequestRecorder
-from mlserve.predictionlog import PredictionLog, Record
-from mlserve.registry import ServedVersion
 from mlserve.schemas import ErrorResponse, encoder
-from mlserve.service import Call
 
 log = logging.getLogger(__name__)
 
@@ -54,7 +48,6 @@ STATUS: dict[type[errors.MlserveError], int] = {
 UNKNOWN_FIELD = re.compile(r"Object contains unknown field `([^`]*)`")
 CLIENT_CLOSED_REQUEST = 499
 """Recorded (never sent) for a request whose client hung up before its answer: nginx's convention."""
-REQUEST_ID_HEADER = "X-Request-ID"
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 MeteredHandler = Callable[[web.Request], Awaitable[tuple[web.StreamResponse, RequestRecorder]]]
@@ -94,7 +87,7 @@ def validation_path(exc: msgspec.ValidationError) -> str:
     return f"{where}.{unknown.group(1)}" if unknown else where
 
 
-def _error_response(request: web.Request, exc: Exception) -> web.Response:
+def error_response(request: web.Request, exc: Exception) -> web.Response:
     if isinstance(exc, errors.MlserveError):
         return from_error(exc)
     if isinstance(exc, web.HTTPException):
@@ -110,34 +103,29 @@ def guard(handler: Handler) -> Handler:
         try:
             return await handler(request)
         except Exception as exc:
-            return _error_response(request, exc)
+            return error_response(request, exc)
 
     return guarded
 
 
-def metered(handler: MeteredHandler, endpoint: str, log: PredictionLog | None = None) -> Handler:
+def metered(handler: MeteredHandler, endpoint: str) -> Handler:
     """``guard`` for a prediction endpoint, which also records the request's count and duration.
 
     On success the handler hands back its version's pre-resolved recorder, so the common path costs
     a counter increment and a histogram bucket: no label lookups (they measured ~9 us a request).
     Failures, rarer, take the general path through the app's metrics.
-
-    With a prediction log the wrapper is another closure, chosen here once, so a server with the log
-    off runs exactly the code it ran before the log existed.
     """
-    if log is not None:
-        return _logged(handler, endpoint, log)
 
     async def guarded(request: web.Request) -> web.StreamResponse:
         started = time.perf_counter()
         try:
             response, recorder = await handler(request)
         except asyncio.CancelledError:
-            _observe(request, endpoint, CLIENT_CLOSED_REQUEST, started)
+            observe(request, endpoint, CLIENT_CLOSED_REQUEST, started)
             raise
         except Exception as exc:
-            response = _error_response(request, exc)
-            _observe(request, endpoint, response.status, started)
+            response = error_response(request, exc)
+            observe(request, endpoint, response.status, started)
             return response
         recorder.record(time.perf_counter() - started)
         return response
@@ -145,95 +133,13 @@ def metered(handler: MeteredHandler, endpoint: str, log: PredictionLog | None = 
     return guarded
 
 
-def _observe(request: web.Request, endpoint: str, status: int, started: float) -> float:
+def observe(request: web.Request, endpoint: str, status: int, started: float) -> float:
     """Record a failed request; returns its duration in seconds."""
     served = request.get(SERVED)
     model, version = (served.spec.name, served.spec.version) if served is not None else ("", "")
     elapsed = time.perf_counter() - started
     request.app[METRICS].recorder(model, version, endpoint, status).record(elapsed)
     return elapsed
-
-
-def _logged(handler: MeteredHandler, endpoint: str, log: PredictionLog) -> Handler:
-    """``metered`` that also echoes the request id and adds a record to the prediction log.
-
-    The record is built from what the handler set on the request (``SERVED``, ``CALL``, ``RESULT``);
-    an answered request has all three, a failed one whatever was known when it failed.
-    """
-    payloads = log.payloads
-    every = log.sample_rate == 1.0  # spares the common case a call to ``sampled``
-
-    async def guarded(request: web.Request) -> web.StreamResponse:
-        started = time.perf_counter()
-        request_id = log.request_id(request.headers.get(REQUEST_ID_HEADER))
-        try:
-            response, recorder = await handler(request)
-        except asyncio.CancelledError:
-            elapsed = _observe(request, endpoint, CLIENT_CLOSED_REQUEST, started)
-            if every or log.sampled():
-                log.add(_record(endpoint, request_id, CLIENT_CLOSED_REQUEST, elapsed, payloads,
-                                request.get(SERVED), request.get(CALL), request.get(RESULT)))
-            raise
-        except Exception as exc:
-            response = _error_response(request, exc)
-            elapsed = _observe(request, endpoint, response.status, started)
-            response.headers[REQUEST_ID_HEADER] = request_id
-            if every or log.sampled():
-                record = _record(endpoint, request_id, response.status, elapsed, payloads,
-                                 request.get(SERVED), request.get(CALL), request.get(RESULT))
-                record.error = msgspec.json.decode(response.body, type=ErrorResponse).error
-                log.add(record)
-            return response
-        elapsed = time.perf_counter() - started
-        recorder.record(elapsed)
-        response.headers[REQUEST_ID_HEADER] = request_id
-        if every or log.sampled():
-            log.add(_record(endpoint, request_id, response.status, elapsed, payloads,
-                            request[SERVED], request[CALL], request[RESULT]))
-        return response
-
-    return guarded
-
-
-def _record(
-    endpoint: str, request_id: str, status: int, elapsed: float, payloads: bool,
-    served: ServedVersion | None, call: Call | None, result: BatchResult | None,
-) -> Record:
-    """One request's line. A request that failed before it was routed has no model or version; one that
-    failed before its call was decoded has no inputs; only an answered one has outputs."""
-    cache = None
-    if served is not None and served.cache is not None and result is not None:
-        cache = "hit" if result.cached else "miss"
-    record = Record(
-        time.time(),
-        request_id,
-        endpoint,
-        served.spec.name if served is not None else None,
-        served.spec.version if served is not None else None,
-        call.variant if call is not None else None,
-        cache,
-        status,
-        int(elapsed * 1e6) / 1000,  # milliseconds to the microsecond; round() costs five times as much
-    )
-    if payloads and call is not None:
-        record.inputs = _inputs(call.rows, call.inputs)
-        if result is not None and status < 400:
-            record.outputs = _outputs(result.values, call.inputs)
-    return record
-
-
-def _inputs(rows: list[Any], kind: str) -> list[Any]:
-    """Feature rows as they came; an image as its size and sha256, never its bytes."""
-    if kind == "image":
-        return [{"bytes": len(image), "sha256": hashlib.sha256(image).hexdigest()} for image in rows]
-    return rows
-
-
-def _outputs(values: list[Any], kind: str) -> list[Any]:
-    """Predictions as answered; an image's class and confidence, without its probabilities."""
-    if kind == "image":
-        return [{"class": value[0], "confidence": value[1]} for value in values]
-    return values
 
 
 async def unmatched(request: web.Request) -> web.Response:

@@ -16,6 +16,7 @@ from aiohttp import web
 from mlserve import schemas
 from mlserve.api.errors import metered
 from mlserve.api.http import VARIANT_HEADER, decode, mark_cached, respond, timeout, user_key, wants_fresh
+from mlserve.api.logged import logged
 from mlserve.api.keys import CALL, PREDICTION_LOG, RESULT, SERVED, SERVICE, SETTINGS
 from mlserve.api.uploads import read_image
 from mlserve.batcher import BatchResult
@@ -60,7 +61,7 @@ def checked_rows(samples: list[list[float]], served: ServedVersion, path: str, s
 
 
 def answered(
-    request: web.Request, body: msgspec.Struct, served: ServedVersion, call: Call, result: BatchResult, endpoint: str
+    body: msgspec.Struct, served: ServedVersion, call: Call, result: BatchResult, endpoint: str
 ) -> tuple[web.Response, RequestRecorder]:
     """The response and the recorder of its success; it says when the cache or an experiment answered."""
     response = respond(body)
@@ -103,7 +104,7 @@ async def _predict_one(request: web.Request, endpoint: str) -> tuple[web.Respons
         label=label(served, prediction),
         variant=call.variant or (served.spec.version if endpoint == "predict_ab" else None),
     )
-    return answered(request, answer, served, call, result, endpoint)
+    return answered(answer, served, call, result, endpoint)
 
 
 async def predict_batch(request: web.Request) -> tuple[web.Response, RequestRecorder]:
@@ -134,7 +135,7 @@ async def predict_batch(request: web.Request) -> tuple[web.Response, RequestReco
         labels=labels if labels and None not in labels else None,
         variant=call.variant,
     )
-    return answered(request, answer, served, call, result, "predict_batch")
+    return answered(answer, served, call, result, "predict_batch")
 
 
 async def predict_image(request: web.Request) -> tuple[web.Response, RequestRecorder]:
@@ -169,7 +170,7 @@ async def predict_image(request: web.Request) -> tuple[web.Response, RequestReco
         inference_time_ms=result.compute_s * 1000.0,
         variant=call.variant,
     )
-    return answered(request, answer, served, call, result, "predict_image")
+    return answered(answer, served, call, result, "predict_image")
 
 
 def add_routes(app: web.Application) -> None:
@@ -182,4 +183,4 @@ def add_routes(app: web.Application) -> None:
         ("/predict/image", predict_image),
     ):
         name = handler.__name__
-        app.router.add_post(path, metered(handler, name, log), name=name)
+        app.router.add_post(path, metered(handler, name) if log is None else logged(handler, name, log), name=name)
