@@ -32,6 +32,21 @@ def _div(num: float | None, den: float | None) -> float | None:
     return num / den
 
 
+def against_reference(points: list[Point], concurrency: int | None = None) -> list[tuple[Point, Point]]:
+    """Each measured closed-loop point that names a reference scenario, with the reference's point at
+    the same concurrency where that was measured too (only at ``concurrency`` when given)."""
+    pairs = []
+    for point in closed(points):
+        if not point.get("reference") or point.get("rps") is None:
+            continue
+        if concurrency is not None and point["concurrency"] != concurrency:
+            continue
+        reference = _find(points, point["reference"], point["concurrency"])
+        if reference is not None:
+            pairs.append((point, reference))
+    return pairs
+
+
 def offline_b32(offline: dict[str, Any], key: str) -> float | None:
     """Offline batch-32 rows/s for ``model:version``, or None if not measured."""
     entry = offline.get("models", {}).get(key, {})
@@ -46,6 +61,8 @@ def add_ratios(points: list[Point], offline: dict[str, Any]) -> None:
     * ``vs_offline_b32``: served rows/s / offline batch-32 rows/s (1 row/request).
     * ``vs_peer``: mlserve's batching-on req/s / MLServer's on the same model, when it ran.
     * ``vs_cache_off``: a cache scenario's req/s / the same model's with the cache off (``VERSION-on``).
+    * ``vs_reference``, ``p50_vs_reference``, ``p99_vs_reference``: req/s, p50 and p99 over those of
+      the scenario's reference (the same model served the plain way), when it names one.
     """
     for point in closed(points):
         ratios: dict[str, float | None] = {"vs_floor": None, "on_off": None, "vs_offline_b32": None,
@@ -65,6 +82,10 @@ def add_ratios(points: list[Point], offline: dict[str, Any]) -> None:
             key = f"{point.get('model', 'iris_classifier')}:{point['version']}"
             ratios["vs_offline_b32"] = _div(point["rps"], offline_b32(offline, key))
         point["ratios"] = {k: (round(v, 4) if v is not None else None) for k, v in ratios.items()}
+    for point, reference in against_reference(points):
+        for prefix, key in (("", "rps"), ("p50_", "p50_ms"), ("p99_", "p99_ms")):
+            ratio = _div(point[key], reference[key])
+            point["ratios"][f"{prefix}vs_reference"] = round(ratio, 4) if ratio is not None else None
 
 
 def headline(points: list[Point]) -> dict[str, Any]:
@@ -80,7 +101,15 @@ def headline(points: list[Point]) -> dict[str, Any]:
         "image_at_64": None,
         "c1_p50_on_vs_off": {},
         "vs_peer_at_64": {},
+        "vs_reference_at_64": {},
     }
+    for point, reference in against_reference(points, 64):
+        out["vs_reference_at_64"][point["scenario"]] = {
+            "reference": reference["scenario"],
+            **{f"{prefix}{key}": round(p[key], 2) for prefix, p in (("", point), ("ref_", reference))
+               for key in ("rps", "p50_ms", "p99_ms")},
+            **{key: point["ratios"].get(key) for key in ("vs_reference", "p50_vs_reference", "p99_vs_reference")},
+        }
     for version in ("v1", "v2"):
         ours, peer = _find(points, f"{version}-on", 64), _find(points, f"mlserver-{version}", 64)
         if ours and peer:
@@ -125,6 +154,11 @@ def headline(points: list[Point]) -> dict[str, Any]:
     return out
 
 
+def times(ratio: float | None) -> str:
+    """A ratio as ``0.973x``, or ``–`` where it could not be taken."""
+    return "–" if ratio is None else f"{ratio:.3f}x"
+
+
 def headline_lines(head: dict[str, Any]) -> list[str]:
     """Human sentences for the headline dict; shared by the markdown and stdout."""
     lines: list[str] = []
@@ -161,5 +195,12 @@ def headline_lines(head: dict[str, Any]) -> list[str]:
         lines.append(
             f"{version} @ c=64 against MLServer {PEER_VERSION}: {d['rps']:.0f} vs {d['peer_rps']:.0f} req/s "
             f"({d['ratio']:.2f}x), p99 {d['p99_ms']:.1f} vs {d['peer_p99_ms']:.1f} ms"
+        )
+    for name, d in head.get("vs_reference_at_64", {}).items():
+        lines.append(
+            f"{name} / {d['reference']} @ c=64: {d['rps']:.0f} vs {d['ref_rps']:.0f} req/s "
+            f"({times(d['vs_reference'])}), "
+            f"p50 {d['p50_ms']:.2f} vs {d['ref_p50_ms']:.2f} ms ({times(d['p50_vs_reference'])}), "
+            f"p99 {d['p99_ms']:.2f} vs {d['ref_p99_ms']:.2f} ms ({times(d['p99_vs_reference'])})"
         )
     return lines

@@ -11,7 +11,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from benchmarks.analysis import closed, headline_lines
+from benchmarks.analysis import against_reference, closed, headline_lines, times
 
 _COLORS = {
     "floor": "black",
@@ -23,7 +23,10 @@ _COLORS = {
     "image-off": "tab:olive",
     "mlserver-v1": "tab:purple",
     "mlserver-v2": "tab:brown",
+    "mlflow-v1": "tab:pink",
+    "v1-invocations": "tab:gray",
 }
+_REFERENCE_RATIOS = (("vs_reference", "req/s"), ("p50_vs_reference", "p50"), ("p99_vs_reference", "p99"))
 
 
 def write_all(run: dict[str, Any], out_dir: Path, date: str) -> dict[str, Path]:
@@ -48,6 +51,10 @@ def write_all(run: dict[str, Any], out_dir: Path, date: str) -> dict[str, Path]:
         paths["cache_png"] = out_dir / f"{date}-cache.png"
         run["artefacts"]["cache_png"] = str(paths["cache_png"])
         plot_cache(run, paths["cache_png"])
+    if against_reference(run["points"]):
+        paths["references_png"] = out_dir / f"{date}-references.png"
+        run["artefacts"]["references_png"] = str(paths["references_png"])
+        plot_references(run, paths["references_png"])
     return paths
 
 
@@ -104,6 +111,7 @@ def markdown(run: dict[str, Any]) -> str:
             f"| {_fmt(p.get('other_cpu_pct'), '.0f', '%')} |"
         )
     out.append("")
+    out += _reference_table(run["points"])
     out += _cache_tables(run)
     out += _open_loop_table(run["points"])
 
@@ -170,6 +178,26 @@ def _cache_tables(run: dict[str, Any]) -> list[str]:
                        f"| {s['socket_errors']} |")
         out.append("")
     return out
+
+
+def _reference_table(points: list[dict[str, Any]]) -> list[str]:
+    """Each scenario against its reference (the same model served the plain way) at the same concurrency."""
+    pairs = against_reference(points)
+    if not pairs:
+        return []
+    out = ["## Against a reference scenario", "",
+           "Ratios over the reference measured in this run: above 1 is more req/s or a longer latency.", "",
+           "| scenario / reference | c | req/s | req/s ratio | p50 ms | p50 ratio | p99 ms | p99 ratio |",
+           "|---|--:|--:|--:|--:|--:|--:|--:|"]
+    for p, ref in pairs:
+        r = p["ratios"]
+        out.append(
+            f"| {p['scenario']} / {ref['scenario']} | {p['concurrency']} | {p['rps']:.0f} / {ref['rps']:.0f} "
+            f"| {times(r.get('vs_reference'))} | {p['p50_ms']:.2f} / {ref['p50_ms']:.2f} "
+            f"| {times(r.get('p50_vs_reference'))} | {p['p99_ms']:.2f} / {ref['p99_ms']:.2f} "
+            f"| {times(r.get('p99_vs_reference'))} |"
+        )
+    return out + [""]
 
 
 def _open_loop_table(points: list[dict[str, Any]]) -> list[str]:
@@ -330,6 +358,26 @@ def plot_cache(run: dict[str, Any], path: Path) -> None:
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
+
+
+def plot_references(run: dict[str, Any], path: Path) -> None:
+    """Each scenario over its reference at the same concurrency: req/s, p50 and p99 ratios (1: the same)."""
+    plt = _pyplot()
+    pairs = against_reference(run["points"])
+    fig, ax = plt.subplots(figsize=(9.5, 1.5 + 0.8 * len(pairs)), dpi=110)
+    height = 0.8 / len(_REFERENCE_RATIOS)
+    for i, (key, name) in enumerate(_REFERENCE_RATIOS):
+        ax.barh([j + i * height for j in range(len(pairs))], [p["ratios"].get(key) or 0.0 for p, _ in pairs],
+                height, label=name)
+    ax.axvline(1.0, color="grey", linestyle="--")
+    ax.set_yticks([j + height for j in range(len(pairs))])
+    ax.set_yticklabels([f"{p['scenario']} / {ref['scenario']}\nc={p['concurrency']}" for p, ref in pairs],
+                       fontsize=8)
+    ax.invert_yaxis()
+    ax.set_xlabel("ratio to the reference in this run (req/s: higher is better; p50, p99: lower)")
+    ax.grid(True, axis="x", alpha=0.3)
+    ax.set_title(f"mlserve against a reference scenario {run['date']}")
+    _save(plt, fig, ax, path)
 
 
 def plot_batches(run: dict[str, Any], path: Path) -> None:

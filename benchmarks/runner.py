@@ -26,9 +26,10 @@ from typing import Any
 import aiohttp
 
 from benchmarks import analysis, hoststat, imageset, offline, peers, promtext, report, servers
+from benchmarks.mlflowregistry import MlflowRegistry
 from benchmarks.openloop import CONNECTIONS, run_open
 from benchmarks.redisserver import RedisServer
-from benchmarks.scenarios import OPEN_LOOP_FRACTIONS, OUTAGE_SLICES, Scenario, Timing
+from benchmarks.scenarios import IRIS_COLUMNS, OPEN_LOOP_FRACTIONS, OUTAGE_SLICES, Scenario, Timing
 from benchmarks.wrk_runner import LoadError, run_wrk
 
 # Other processes using more than this (% of one core) during a point make it suspect.
@@ -56,6 +57,8 @@ class Plan:
     """The run's own redis-server, for the cache scenarios that use Redis."""
     peer_cmd: Path | None = None
     """MLServer's ``mlserver`` command, for the peer scenarios."""
+    registry: MlflowRegistry | None = None
+    """The run's own MLflow registry, for the scenarios that serve a model from one."""
     notes: list[str] = field(default_factory=list)
     image_file: Path | None = None
     """The distinct PNGs the image scenarios send, written once a run."""
@@ -66,9 +69,11 @@ class Plan:
         if scenario.images:
             assert self.image_file is not None
             return [str(self.image_file)]
-        if scenario.experiment is not None:
-            return ["-", scenario.model, str(scenario.distinct), "users"]
-        return [scenario.version, scenario.model, str(scenario.distinct)]
+        if scenario.protocol == "invocations":
+            return [json.dumps(IRIS_COLUMNS)]
+        version = scenario.version if scenario.names_version else "-"
+        users = ["users"] if scenario.experiment is not None else []
+        return [version, scenario.model, str(scenario.distinct), *users]
 
     def open_loop_args(self, scenario: Scenario) -> list[str]:
         if scenario.images:
@@ -100,9 +105,14 @@ def _sigterm_as_interrupt(_signum: int, _frame: object) -> None:
 
 
 def count_steps(plan: Plan, train: bool) -> int:
+    registry = any(s.registry for s in plan.scenarios)
+    return int(train) + int(plan.run_offline) + int(registry) + _scenario_steps(plan)
+
+
+def _scenario_steps(plan: Plan) -> int:
     per_server = sum(1 + len(s.concurrency(plan.concurrency)) + s.outage for s in plan.scenarios)
     open_points = sum(s.open_loop for s in plan.scenarios) * len(OPEN_LOOP_FRACTIONS)
-    return int(train) + int(plan.run_offline) + per_server + open_points
+    return per_server + open_points
 
 
 def _wrk_version() -> str:
@@ -135,8 +145,14 @@ def _sanity(server: servers.Server, scenario: Scenario) -> dict[str, Any]:
     elif scenario.images:
         body, content_type = imageset.pngs(1)[0], "image/png"
         expected = ("class", "confidence", "probabilities", "model", "model_version")
+    elif scenario.protocol == "invocations":
+        payload = {"dataframe_split": {"columns": list(IRIS_COLUMNS), "data": [[5.1, 3.5, 1.4, 0.2]]}}
+        body, content_type = json.dumps(payload).encode(), "application/json"
+        expected = ("predictions",)
     else:
-        payload = {"features": [5.1, 3.5, 1.4, 0.2], "model": scenario.model, "model_version": scenario.version}
+        payload = {"features": [5.1, 3.5, 1.4, 0.2], "model": scenario.model}
+        if not scenario.registry:  # from the registry, the alias picks the version (checked below)
+            payload["model_version"] = scenario.version
         body, content_type = json.dumps(payload).encode(), "application/json"
         expected = ("prediction", "model", "model_version", "inference_time_ms")
     try:
@@ -151,7 +167,7 @@ def _sanity(server: servers.Server, scenario: Scenario) -> dict[str, Any]:
             missing = [k for k in expected if k not in data]
             if missing:
                 result["missing_keys"] = missing
-            ok = not missing and data.get("model_version") == scenario.version
+            ok = not missing and data.get("model_version", scenario.version) == scenario.version
         except ValueError:
             ok = False
     result["ok"] = ok
@@ -323,6 +339,8 @@ def run(plan: Plan) -> dict[str, Any]:
             progress.end(_offline_summary(run_record["offline"]))
         if any(s.needs_redis for s in plan.scenarios):
             _start_redis(plan)
+        if any(s.registry for s in plan.scenarios):
+            _build_registry(plan, date, run_record, progress)
         for scenario in plan.scenarios:
             _run_scenario(scenario, plan, models_dir, date, run_record, progress)
     except KeyboardInterrupt:
@@ -333,10 +351,13 @@ def run(plan: Plan) -> dict[str, Any]:
         signal.signal(signal.SIGTERM, previous)
         if tmp_models is not None:
             shutil.rmtree(tmp_models, ignore_errors=True)
+            Path(f"{tmp_models}.state.json").unlink(missing_ok=True)  # the servers' default state file
         if plan.image_file is not None:
             plan.image_file.unlink(missing_ok=True)
         if plan.redis is not None:
             plan.redis.close()
+        if plan.registry is not None:
+            plan.registry.close()
 
     analysis.add_ratios(run_record["points"], run_record["offline"] or {})
     run_record["headline"] = analysis.headline(run_record["points"])
@@ -401,6 +422,11 @@ def _run_scenario(
     if scenario.prediction_log:
         workdir = workdir or Path(tempfile.mkdtemp(prefix="mlserve-bench-log-"))
         env["MLSERVE_PREDICTION_LOG__PATH"] = str(workdir / "predictions.jsonl")
+    if scenario.registry and plan.registry is not None and models_dir is not None:
+        workdir = workdir or Path(tempfile.mkdtemp(prefix="mlserve-bench-config-"))
+        config = workdir / "mlserve.toml"
+        config.write_text(plan.registry.settings(scenario.model, scenario.version, models_dir))
+        env["MLSERVE_CONFIG"] = str(config)
     if scenario.needs_redis and plan.redis is not None:
         plan.redis.flush()  # each scenario starts from a cold shared cache
         env["MLSERVE_CACHE__REDIS_URL"] = plan.redis.url
@@ -447,6 +473,25 @@ def _run_scenario(
         info["log_levels"] = servers.count_log_levels(log_path)
         if workdir is not None:
             shutil.rmtree(workdir, ignore_errors=True)
+
+
+def _build_registry(plan: Plan, date: str, run_record: dict[str, Any], progress: Progress) -> None:
+    """Build the run's MLflow registry, or drop the scenarios that need one (with a note)."""
+    progress.start("log the iris versions to an MLflow registry of the run's own")
+    registry = MlflowRegistry()
+    try:
+        took = registry.build(plan.out_dir / f"{date}-mlflow.log")
+    except (servers.ServerStartError, subprocess.TimeoutExpired, OSError) as exc:
+        registry.close()
+        progress.end(f"FAILED: {str(exc)[:300]}")
+        plan.notes.append(f"the MLflow registry failed, its scenarios skipped: {exc}"[:500])
+        steps = _scenario_steps(plan)
+        plan.scenarios = [s for s in plan.scenarios if not s.registry]
+        progress.total -= steps - _scenario_steps(plan)
+        return
+    plan.registry = registry
+    run_record["registry_s"] = round(took, 2)
+    progress.end(f"done in {took:.1f}s")
 
 
 def _start_redis(plan: Plan) -> None:
@@ -541,6 +586,7 @@ def _point_header(scenario: Scenario, concurrency: int, loop: str = "closed") ->
         "version": scenario.version,
         "batching": scenario.batching,
         "cache": scenario.cache,
+        "reference": scenario.reference,
         "concurrency": concurrency,
         "loop": loop,
     }

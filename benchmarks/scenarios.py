@@ -16,6 +16,11 @@ IRIS = "iris_classifier"
 IMAGES = "image_classifier"
 # Iris feature ranges (min, max), as wrk/common.lua draws them: every request a different row.
 IRIS_RANGES = ((4.3, 7.9), (2.0, 4.4), (1.0, 6.9), (0.1, 2.5))
+# Their names, as scikit-learn's iris data set (and so the MLflow models' signatures) call them.
+IRIS_COLUMNS = ("sepal length (cm)", "sepal width (cm)", "petal length (cm)", "petal width (cm)")
+REGISTRY_MODEL = "iris"
+REGISTRY_ALIAS = "champion"
+"""The run's MLflow registry holds the disk iris versions as ``iris`` "1" and "2"; the alias is on "1"."""
 PEER_VERSION = "1.7.1"
 
 
@@ -46,6 +51,14 @@ class Scenario:
     experiment: str | None = None
     """A traffic experiment (its JSON document) on the model, saved in the state file the server starts
     from; wrk then names no version and sends a random ``X-User-ID`` with every request."""
+    registry: bool = False
+    """Served from the run's MLflow registry as ``models:/MODEL@champion`` instead of from the disk
+    repository; ``version`` is the registry version the alias points to, and requests name none."""
+    protocol: str = "predict"
+    """How requests reach the model: ``predict`` (``POST /predict``) or ``invocations`` (MLflow's
+    scoring protocol, a one-row ``dataframe_split`` body; the URL names model and version)."""
+    reference: str | None = None
+    """The scenario this one is read against at the same concurrency (req/s, p50 and p99 ratios)."""
 
     @property
     def open_loop(self) -> bool:
@@ -60,6 +73,11 @@ class Scenario:
 
     def concurrency(self, default: list[int]) -> list[int]:
         return list(self.points) if self.points is not None else default
+
+    @property
+    def names_version(self) -> bool:
+        """Whether requests name the version; under an experiment its routing picks, from the registry the alias."""
+        return self.experiment is None and not self.registry
 
     @property
     def needs_redis(self) -> bool:
@@ -80,6 +98,8 @@ class Scenario:
             return f"/v2/models/{self.peer_model}/infer"
         if self.images:
             return f"/predict/image?model={self.model}&model_version={self.version}"
+        if self.protocol == "invocations":
+            return f"/invocations?model={self.model}&version={self.version}"
         return "/predict"
 
     @property
@@ -87,6 +107,8 @@ class Scenario:
         """The wrk Lua script: a fresh iris row, or the next of many distinct PNGs, per request."""
         if self.kind == "mlserver":
             return "v2infer.lua"
+        if self.protocol == "invocations":
+            return "invocations.lua"
         return "image.lua" if self.images else "predict.lua"
 
     @property
@@ -100,7 +122,11 @@ class Scenario:
         if self.kind == "mlserver":
             return f"MLServer {PEER_VERSION} {self.version} adaptive batching"
         name = "image" if self.images else self.version
+        if self.registry:
+            name = f"MLflow {self.model}@{REGISTRY_ALIAS} ({self.version})"
         suffix = " (baseline build)" if self.baseline else ""
+        if self.protocol != "predict":
+            suffix += f" via /{self.protocol}"
         if self.cache is not None:
             rows = f"{self.distinct} distinct rows" if self.distinct else "every row new"
             suffix += f" cache={self.cache}, {rows}{', Redis killed mid-run' if self.outage else ''}"
@@ -151,10 +177,17 @@ CATALOGUE: tuple[Scenario, ...] = (
              points=()),
     # Traffic experiments, at 64 connections, against v1-on: every call assigned by user (all to v1,
     # so the model's cost is the same), and the same with 10% of calls copied to v2 in the shadow.
-    Scenario("v1-experiment", "mlserve", "v1", True, experiment=SPLIT, points=(64,)),
-    Scenario("v1-shadow", "mlserve", "v1", True, experiment=SHADOWED, points=(64,)),
+    Scenario("v1-experiment", "mlserve", "v1", True, experiment=SPLIT, points=(64,), reference="v1-on"),
+    Scenario("v1-shadow", "mlserve", "v1", True, experiment=SHADOWED, points=(64,), reference="v1-on"),
     # The prediction log's cost, at 64 connections, against v1-on (log off): a line for every request.
-    Scenario("v1-log", "mlserve", "v1", True, prediction_log=True, closed_only=True, points=(64,)),
+    Scenario("v1-log", "mlserve", "v1", True, prediction_log=True, closed_only=True, points=(64,),
+             reference="v1-on"),
+    # The same v1 estimator by other ways, at 64 connections, against v1-on: from an MLflow registry
+    # (the run logs one, once, when a scenario needs it), and through MLflow's scoring protocol.
+    Scenario("mlflow-v1", "mlserve", "1", True, REGISTRY_MODEL, registry=True, closed_only=True, points=(64,),
+             reference="v1-on"),
+    Scenario("v1-invocations", "mlserve", "v1", True, protocol="invocations", closed_only=True, points=(64,),
+             reference="v1-on"),
 )
 # The peers run only when asked for (``--peers`` or ``make bench-peers``): they need their own venv.
 PEERS: tuple[Scenario, ...] = (
@@ -210,7 +243,9 @@ def with_baseline(chosen: list[Scenario]) -> list[Scenario]:
     for scenario in chosen:
         paired.append(scenario)
         if scenario.kind == "mlserve":
-            paired.append(dataclasses.replace(scenario, name=f"{scenario.name}@baseline", baseline=True))
+            reference = f"{scenario.reference}@baseline" if scenario.reference else None
+            paired.append(dataclasses.replace(scenario, name=f"{scenario.name}@baseline", baseline=True,
+                                              reference=reference))
     return paired
 
 
@@ -233,7 +268,8 @@ def estimate_seconds(
     per_open_point = timing.open_loop_s + 2.5  # the generator's own start and warm-up second
     servers = len(scenarios) * 5.0
     training = 25.0 if any(s.kind == "mlserve" for s in scenarios) else 0.0
+    registry = 25.0 if any(s.registry for s in scenarios) else 0.0
     offline_s = (6 * timing.offline_s + 8.0) if offline else 0.0
     closed = sum(len(s.concurrency(concurrency)) for s in scenarios) * per_point
     outage = sum(s.outage for s in scenarios) * (sum(OUTAGE_SLICES) + 3 * timing.warmup_s)
-    return closed + open_points * per_open_point + servers + training + offline_s + outage
+    return closed + open_points * per_open_point + servers + training + registry + offline_s + outage

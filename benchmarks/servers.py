@@ -21,7 +21,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -81,18 +81,23 @@ def models_present(models_dir: Path) -> bool:
 def train_models(cmd: Sequence[str], models_dir: Path, log_path: Path) -> float:
     """Run ``mlserve models`` once; returns seconds taken.  Raises on failure."""
     models_dir.mkdir(parents=True, exist_ok=True)
+    return run_logged([*cmd, "models", "--models-dir", str(models_dir)], log_path, "`mlserve models`",
+                      lambda: models_present(models_dir))
+
+
+def run_logged(
+    argv: Sequence[str], log_path: Path, what: str, made: Callable[[], bool] = lambda: True
+) -> float:
+    """Run a one-off preparation step to its end, its output in ``log_path``; returns seconds taken.
+
+    Raises ``ServerStartError`` with the log's tail when it fails or ``made()`` says its result is missing.
+    """
     start = time.perf_counter()
     with log_path.open("wb") as log:
-        proc = subprocess.run(
-            [*cmd, "models", "--models-dir", str(models_dir)],
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            cwd=REPO_ROOT,
-            timeout=600,
-        )
-    if proc.returncode != 0 or not models_present(models_dir):
+        proc = subprocess.run(argv, stdout=log, stderr=subprocess.STDOUT, cwd=REPO_ROOT, timeout=600)
+    if proc.returncode != 0 or not made():
         tail = log_path.read_text(errors="replace")[-2000:]
-        raise ServerStartError(f"`mlserve models` failed (rc={proc.returncode}):\n{tail}")
+        raise ServerStartError(f"{what} failed (rc={proc.returncode}):\n{tail}")
     return time.perf_counter() - start
 
 

@@ -13,7 +13,7 @@ from collections.abc import AsyncIterator
 
 from aiohttp import web
 
-from mlserve.api import admin, experiments, health, models, predict
+from mlserve.api import admin, experiments, health, invocations, models, predict
 from mlserve.api.errors import add_fallback_route, guard
 from mlserve.api.keys import CACHE, CONTROL, METRICS, POOL, PREDICTION_LOG, REGISTRY, SERVICE, SETTINGS
 from mlserve.cache import PredictionCache
@@ -110,6 +110,7 @@ def create_app(settings: Settings) -> web.Application:
     admin.add_routes(app)
     experiments.add_routes(app)
     health.add_routes(app)
+    invocations.add_routes(app)
     app.router.add_get("/metrics", guard(app[METRICS].handle), name="metrics")
     add_fallback_route(app)
     return app

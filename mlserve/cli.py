@@ -22,8 +22,20 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--host", help="address to listen on (MLSERVE_HOST; default 127.0.0.1)")
     serve.add_argument("--port", type=int, help="port to listen on (MLSERVE_PORT; default 8080)")
     serve.add_argument("--workers", type=int, help="worker processes (MLSERVE_WORKERS; default: one per core)")
+    serve.add_argument(
+        "--model",
+        action="append",
+        metavar="URI",
+        help="serve an MLflow model: models:/NAME@ALIAS (followed as the alias moves), models:/NAME/VERSION "
+        "or a local MLflow model directory; may be repeated. Only these are served, unless --models-dir is given too",
+    )
     models = commands.add_parser("models", help="train the bundled demo models into the repository")
     models.add_argument("--force", action="store_true", help="retrain versions that already exist")
+    models.add_argument(
+        "--mlflow",
+        metavar="TRACKING_URI",
+        help="instead, log the iris versions to this MLflow registry as versions 1 and 2 of 'iris', @champion on 1",
+    )
     for command in (serve, models):
         command.add_argument("--config", help="TOML settings file (MLSERVE_CONFIG)")
         command.add_argument("--models-dir", help="model repository (MLSERVE_MODELS_DIR; default ./models)")
@@ -33,13 +45,25 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     overrides: dict[str, Any] = {"models_dir": args.models_dir}
-    if args.command == "serve":
-        overrides |= {"host": args.host, "port": args.port, "workers": args.workers}
     try:
+        if args.command == "serve":
+            overrides |= {"host": args.host, "port": args.port, "workers": args.workers}
+            if args.model:
+                from mlserve.sources.mlflow import served_name
+
+                overrides["models"] = {served_name(uri): {"source": uri} for uri in args.model}
+                if args.models_dir is None:
+                    overrides["models_dir"] = ""
         settings = load_settings(args.config, overrides=overrides)
         logging.basicConfig(
             level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr
         )
+        if args.command == "models" and args.mlflow:
+            from mlserve.demo_models import log_iris_to_mlflow
+
+            versions = log_iris_to_mlflow(args.mlflow)
+            print(f"registered iris versions {', '.join(versions)} in {args.mlflow}; iris@champion is {versions[0]}")
+            return 0
         if args.command == "models":
             from mlserve.demo_models import train_digits, train_iris
 

@@ -16,6 +16,11 @@ drain -> unload:
   then hands it to the router in one step; *end* it the same way.
 
 A replica on a shared store hears every change and applies it the same way, without writing it back.
+
+A model served from MLflow (``[models.NAME] source``) has the versions its source resolves to rather
+than a directory on disk. Its alias is watched: when it moves, the new version is fetched, loaded and
+warmed beside the serving one, activated as above, and the old one drains and unloads; if anything
+fails, the old one keeps serving and the source's status says why.
 """
 
 from __future__ import annotations
@@ -38,6 +43,7 @@ from mlserve.errors import (
     LoadFailed,
     ModelNotFound,
     PredictionFailed,
+    RegistryUnavailable,
     SettingsError,
     StateUnavailable,
     ValidationFailed,
@@ -47,13 +53,16 @@ from mlserve.metrics import Metrics
 from mlserve.pool import WorkerPool
 from mlserve.registry import Registry, ServedVersion
 from mlserve.repository import ModelSpec
-from mlserve.settings import Settings
+from mlserve.settings import Secret, Settings
+from mlserve.sources.mlflow import MlflowSource
 from mlserve.state import SharedState, StateStore
 
 log = logging.getLogger(__name__)
 
 MIRROR_QUEUE = 64
 """Shadow calls a version's mirror lane holds waiting; more are dropped, never queued behind."""
+MAX_WATCH_BACKOFF_S = 300.0
+"""The longest pause between looks at a registry that does not answer (the pause doubles up to it)."""
 
 
 class Activation(msgspec.Struct):
@@ -108,6 +117,15 @@ class ControlPlane:
         self._refused: dict[str, Experiment] = {}
         """Each model's shared experiment that this replica could not run, so it is not retried at every poll."""
         self.activations: collections.Counter[str] = collections.Counter()
+        self.sources = {
+            model: MlflowSource(model, uri, _revealed(settings.mlflow_tracking_uri), settings.mlflow_cache)
+            for model, uri in settings.sources.items()
+        }
+        """The models served from MLflow, by name."""
+        self._failed_target: dict[str, str] = {}
+        """Each sourced model's version that failed to fetch or load: tried again only after a move."""
+        self.source_checks: collections.Counter[tuple[str, str]] = collections.Counter()
+        """Looks at each model's source, by (model, result)."""
 
     # -- start and stop ------------------------------------------------------------------------------
 
@@ -117,19 +135,28 @@ class ControlPlane:
         Bad metadata or a configured active version that does not exist stops the server here,
         before it listens, rather than surfacing later as a model that never becomes ready.
         """
-        specs = repository.scan(self._settings.models_dir)
+        specs = self._scan_disk()
         for spec in specs:
+            if spec.name in self.sources:
+                raise SettingsError(
+                    f"model {spec.name!r} has a source ({self.sources[spec.name].ref.uri}) and versions in the "
+                    f"repository {self._settings.models_dir}: serve it from one of them"
+                )
             self._register(spec)
         for name in self._registry.models():
             wanted = self._configured_active(name)
             if wanted is not None and self._registry.find(name, wanted) is None:
                 raise SettingsError(f"active_version {wanted!r} of model {name!r} is not in the repository")
             self._registry.set_active(name, wanted or self._highest(name))
-        unknown = set(self._settings.models) - set(self._registry.models())
+        unknown = set(self._settings.models) - set(self._registry.models()) - set(self.sources)
         if unknown:
             log.warning("settings name models the repository does not hold: %s", ", ".join(sorted(unknown)))
-        if not specs:
+        if not specs and not self.sources:
             log.warning("the model repository %s holds no models", self._settings.models_dir)
+
+    def _scan_disk(self, errors: list[str] | None = None) -> list[ModelSpec]:
+        directory = self._settings.models_dir
+        return repository.scan(directory, errors) if directory else []
 
     def _register(self, spec: ModelSpec) -> ServedVersion:
         batching = self._settings.batching_for(spec.name, spec.metadata.batching)
@@ -151,12 +178,16 @@ class ControlPlane:
         self._tasks.append(asyncio.get_running_loop().create_task(self._start()))
 
     async def _start(self) -> None:
+        for source in self.sources.values():
+            await self._attach(source)
         try:
             saved = await self._store.read()
         except StateUnavailable as exc:
             log.warning("starting from the configured active versions: %s", exc)
             saved = SharedState()
         for model, version in saved.active.items():
+            if model in self.sources:
+                continue  # its source says which version serves
             if self._registry.find(model, version) is not None:
                 self._registry.set_active(model, version)
             elif model in self._registry.models():
@@ -165,6 +196,7 @@ class ControlPlane:
             async with self._locks[served.spec.name]:
                 await self._ensure_loaded(served)
         await self._fall_back()
+        await self._record_sourced(saved)
         for model, experiment in saved.experiments.items():
             async with self._locks[model]:
                 await self._adopt(model, experiment, "saved")
@@ -180,6 +212,48 @@ class ControlPlane:
             self._pool.size,
         )
         self._tasks.append(asyncio.get_running_loop().create_task(self._store.watch(self._follow)))
+        for source in self.sources.values():
+            if source.ref.watched or self._registry.active(source.model) is None:
+                self._tasks.append(asyncio.get_running_loop().create_task(self._watch(source)))
+
+    async def _attach(self, source: MlflowSource) -> None:
+        """Register the version a model's source points to, as the model's active version; when the
+        registry cannot say, the version last served from the cache. With neither, the model is
+        unavailable (its source's status says why) and the watch keeps asking."""
+        model = source.model
+        try:
+            version = await source.resolve()
+        except RegistryUnavailable as exc:
+            version = source.last_served()
+            if version is None:
+                log.error("%s is unavailable: %s, and no version of it is cached", model, exc)
+                self._registry.set_unavailable(model, f"{exc}, and no version of it is cached")
+                return
+            log.warning("%s; serving %s:%s from the cache until the registry answers", exc, model, version)
+        try:
+            spec = await source.fetch(version)
+        except LoadFailed as exc:
+            source.status.error = str(exc)
+            self._failed_target[model] = version
+            log.error("%s is unavailable: %s", model, exc)
+            self._registry.set_unavailable(model, str(exc))
+            return
+        self._register(spec)
+        self._registry.set_active(model, version)
+
+    async def _record_sourced(self, saved: SharedState) -> None:
+        """Remember what each sourced model serves after start-up, and put it in the shared state when
+        it differs, so replicas that follow the state store do not pull this one back to an old version."""
+        for model, source in self.sources.items():
+            version = self._registry.active(model)
+            if version is None or self._registry.get(model, version).state != "ready":
+                continue
+            await asyncio.to_thread(source.remember, version)
+            if saved.active.get(model) != version:
+                try:
+                    await self._store.set_active(model, version)
+                except StateUnavailable as exc:
+                    log.warning("cannot record %s:%s in the state store: %s", model, version, exc)
 
     async def _fall_back(self) -> None:
         """A model whose active version failed to load at start serves its newest version that does.
@@ -304,10 +378,10 @@ class ControlPlane:
         those that left it; an active version that left keeps serving and is reported."""
         async with self._rescan_lock:
             errors: list[str] = []
-            found = {spec.key: spec for spec in repository.scan(self._settings.models_dir, errors)}
+            found = {spec.key: spec for spec in self._scan_disk(errors) if spec.name not in self.sources}
             for error in errors:
                 log.warning("rescan skipped %s", error)
-            known = {served.spec.key: served for served in self._registry}
+            known = {served.spec.key: served for served in self._registry if served.spec.name not in self.sources}
             added, removed, missing = [], [], []
             new = sorted((found[key] for key in found.keys() - known.keys()), key=_version_key)
             new_models = {spec.name for spec in new if spec.name not in self._registry.models()}
@@ -362,7 +436,14 @@ class ControlPlane:
                 else:
                     await self._adopt(model, wanted, "another replica's")
         for model, version in shared.active.items():
-            if self._registry.active(model) == version or model not in self._registry.models():
+            if self._registry.active(model) == version:
+                continue
+            source = self.sources.get(model)
+            if source is not None:
+                if self._failed_target.get(model) != version:
+                    await self._switch(source, version, publish=False, why="as another replica did")
+                continue
+            if model not in self._registry.models():
                 continue
             async with self._locks[model]:
                 served = self._registry.find(model, version)
@@ -409,6 +490,78 @@ class ControlPlane:
         del self._refused[model]
         self._registry.set_experiment(model, experiment)
         log.info("experiment on %s (%s): %s", model, whose, msgspec.json.encode(experiment).decode())
+
+    # -- models served from MLflow ---------------------------------------------------------------------------
+
+    async def _watch(self, source: MlflowSource) -> None:
+        """Ask the registry where the model's alias points every ``watch_interval_s``, and switch when
+        it moved. A registry that does not answer is asked again after a pause that doubles each time."""
+        model, interval = source.model, self._settings.watch_interval_s
+        delay = interval
+        while True:
+            await asyncio.sleep(delay)
+            try:
+                version = await source.resolve()
+            except RegistryUnavailable as exc:
+                if delay == interval:
+                    log.warning("%s; %s keeps serving what it serves and asks again", exc, model)
+                self.source_checks[(model, "unreachable")] += 1
+                delay = min(delay * 2, MAX_WATCH_BACKOFF_S)
+                continue
+            if delay != interval:
+                log.info("the registry answers again: %s is at version %s", source.ref.uri, version)
+            delay = interval
+            active = self._registry.active(model)
+            if version == active:
+                self._failed_target.pop(model, None)
+            if version in (active, self._failed_target.get(model)):
+                self.source_checks[(model, "unchanged")] += 1
+                continue
+            switched = await self._switch(source, version, publish=True, why=f"{source.ref.uri} moved")
+            self.source_checks[(model, "switched" if switched else "failed")] += 1
+            if switched and not source.ref.watched:
+                return  # a pinned version that serves at last: nothing more to follow
+
+    async def _switch(self, source: MlflowSource, version: str, publish: bool, why: str) -> bool:
+        """Fetch, load and warm ``version`` beside the serving one, make it active, then drain and unload
+        the model's other versions. On any failure the serving version stays, and False is returned."""
+        model = source.model
+        async with self._locks[model]:
+            served = self._registry.find(model, version)
+            if served is None:
+                try:
+                    spec = await source.fetch(version)
+                except LoadFailed as exc:
+                    return self._switch_failed(source, version, str(exc))
+                served = self._register(spec)
+            if not await self._ensure_loaded(served):
+                return self._switch_failed(source, version, served.error or "it failed to load")
+            previous = self._registry.active(model)
+            if publish:
+                try:
+                    await self._store.set_active(model, version)
+                except StateUnavailable as exc:
+                    log.error("cannot switch %s to %s: %s", model, version, exc)
+                    return False  # not a fault of the version: the next look tries again
+            self._registry.set_active(model, version)
+            self._registry.set_unavailable(model, None)
+            self.activations[model] += 1
+            self._failed_target.pop(model, None)
+            source.status.error = None
+            log.info("activated %s (was %s), %s", served.spec.key, previous, why)
+            await asyncio.to_thread(source.remember, version)
+            for other in list(self._registry.versions(model).values()):
+                if other is not served and not self._in_experiment(model, other.spec.version):
+                    await self._unload(other)
+                    self._registry.remove(model, other.spec.version)
+            return True
+
+    def _switch_failed(self, source: MlflowSource, version: str, why: str) -> bool:
+        self._failed_target[source.model] = version
+        source.status.error = f"version {version}: {why}"
+        serving = self._registry.active(source.model)
+        log.error("%s stays on %s: version %s failed: %s", source.model, serving, version, why)
+        return False
 
     # -- transitions (callers hold the model's lock) -------------------------------------------------------
 
@@ -507,8 +660,14 @@ class ControlPlane:
                     metrics.cache_requests.set({**labels, "layer": layer, "result": result}, count)
         for model, count in self.activations.items():
             metrics.activations.set({"model": model}, count)
+        for (model, result), count in self.source_checks.items():
+            metrics.source_checks.set({"model": model, "result": result}, count)
         metrics.workers_live.set({}, self._pool.live_workers)
         metrics.worker_restarts.set({}, self._pool.restart_count)
+
+
+def _revealed(secret: Secret | None) -> str | None:
+    return secret.reveal() if secret is not None else None
 
 
 def _version_key(spec: ModelSpec) -> tuple[str, tuple[tuple[int, int | str], ...]]:

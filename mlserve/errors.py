@@ -47,6 +47,10 @@ class LoadFailed(MlserveError):
     """A version could not be loaded or warmed; the message says why, and the active version serves on."""
 
 
+class RegistryUnavailable(MlserveError):
+    """The MLflow registry could not say where a model's alias points; what serves keeps serving."""
+
+
 class StateUnavailable(MlserveError):
     """The state store could not record a change, so the change was not made."""
 

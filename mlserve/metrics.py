@@ -138,6 +138,12 @@ class Metrics:
         self.activations = Counter(
             "mlserve_activations_total", "Changes of a model's active version on this replica.", registry=self.registry
         )
+        self.source_checks = Counter(
+            "mlserve_model_source_checks_total",
+            "Looks at the MLflow source of a model whose alias is followed, by model and result "
+            "(unchanged, switched, failed: the new version could not be fetched or loaded; unreachable).",
+            registry=self.registry,
+        )
         self.cache_requests = Counter(
             "mlserve_cache_requests_total",
             "Rows looked up in the prediction cache, by model, version, layer (l1, redis) and result "

@@ -15,14 +15,16 @@ import numpy as np
 
 from mlserve.batcher import Batcher
 from mlserve.cache import CacheView
-from mlserve.errors import ModelNotFound
+from mlserve.errors import ModelNotFound, ModelNotReady
 from mlserve.experiments import Experiment
 from mlserve.metrics import Metrics
 from mlserve.repository import ModelSpec, version_order
 from mlserve.settings import BatchingSettings
 
+INTEGRAL_TYPES = frozenset({"long", "integer", "boolean"})
+
 State = Literal["unloaded", "loading", "ready", "draining", "failed"]
-PREDICTION_ENDPOINTS = ("predict", "predict_ab", "predict_batch", "predict_image")
+PREDICTION_ENDPOINTS = ("predict", "predict_ab", "predict_batch", "predict_image", "invocations")
 
 
 class ServedVersion:
@@ -38,6 +40,8 @@ class ServedVersion:
         "n_features",
         "row_shape",
         "takes_images",
+        "columns",
+        "integral",
         "labels",
         "queue_time",
         "compute_time",
@@ -71,6 +75,13 @@ class ServedVersion:
         self.n_features = int(np.prod(self.row_shape))
         self.takes_images = spec.metadata.image is not None
         """An image model's rows are encoded images, decoded in the worker; others' are feature rows."""
+        signature = spec.mlflow.signature if spec.mlflow is not None else []
+        self.columns = tuple(column.name for column in signature)
+        """The names of a row's features in order, when the model's signature names them (MLflow)."""
+        self.integral = tuple(
+            (index, column.name, column.type) for index, column in enumerate(signature) if column.type in INTEGRAL_TYPES
+        )
+        """The features whose declared type takes whole numbers only (and 0 or 1 for a boolean)."""
         self.labels = tuple(spec.metadata.class_labels)
         """Class names by index, so an integer prediction can be answered with its name too."""
         self.cache = cache
@@ -87,6 +98,8 @@ class Registry:
         self._versions: dict[str, dict[str, ServedVersion]] = {}
         self._active: dict[str, str] = {}
         self._experiments: dict[str, Experiment] = {}
+        self._unavailable: dict[str, str] = {}
+        """Why each configured model without a version has none (its MLflow registry could not be reached)."""
 
     def add(self, served: ServedVersion) -> None:
         self._versions.setdefault(served.spec.name, {})[served.spec.version] = served
@@ -103,11 +116,21 @@ class Registry:
     def get(self, model: str, version: str) -> ServedVersion:
         versions = self._versions.get(model)
         if versions is None:
+            reason = self._unavailable.get(model)
+            if reason is not None:
+                raise ModelNotReady(f"model {model!r} is unavailable: {reason}", None)
             raise ModelNotFound(f"unknown model {model!r}")
         served = versions.get(version)
         if served is None:
             raise ModelNotFound(f"model {model!r} has no version {version!r}; it has {', '.join(versions)}")
         return served
+
+    def set_unavailable(self, model: str, reason: str | None) -> None:
+        """Say why a configured model has no version to serve (None once it has one)."""
+        if reason is None:
+            self._unavailable.pop(model, None)
+        else:
+            self._unavailable[model] = reason
 
     def find(self, model: str, version: str) -> ServedVersion | None:
         return self._versions.get(model, {}).get(version)

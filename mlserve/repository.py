@@ -17,7 +17,7 @@ from pathlib import Path
 import msgspec
 
 from mlserve.errors import RepositoryError
-from mlserve.schemas import ModelMetadata
+from mlserve.schemas import MlflowInfo, ModelMetadata
 
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 METADATA_FILE = "model.toml"
@@ -31,6 +31,11 @@ class ModelSpec(msgspec.Struct, frozen=True):
 
     metadata: ModelMetadata
     directory: str
+    example: list[list[float]] = []
+    """Rows of realistic input to warm the model with (an MLflow model's ``input_example``); zeros
+    when empty."""
+    mlflow: MlflowInfo | None = None
+    """Set for a version that came from MLflow (the registry or a local MLflow model)."""
 
     @property
     def name(self) -> str:

@@ -104,6 +104,45 @@ class ModelMetadata(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     image: ImageInput | None = None
 
 
+class Column(msgspec.Struct, frozen=True):
+    """One named input of an MLflow signature: a feature's name and its type (``double``, ``long``...)."""
+
+    name: str
+    type: str
+
+
+class MlflowInfo(msgspec.Struct, frozen=True):
+    """Where a version served from the MLflow registry came from, as the registry described it."""
+
+    source: str
+    """The URI the operator configured (``models:/iris@champion``) or the local model directory."""
+    registered_name: str
+    """The model's name in the registry (the served name may differ)."""
+    version: str
+    flavor: str
+    """``sklearn`` (loaded natively, batched as the disk path is) or ``python_function``."""
+    aliases: list[str] = []
+    run_id: str | None = None
+    created_at: str = ""
+    signature: list[Column] = []
+    """The inputs its MLflow signature declares, in order; empty for a tensor signature."""
+    metrics: dict[str, float] = {}
+    """The metrics its run logged."""
+
+
+class SourceStatus(msgspec.Struct, omit_defaults=True):
+    """What a registry-sourced model's source last said: the version it resolved, or why it could not."""
+
+    uri: str
+    watched: bool
+    """Whether the server follows it: an alias or a stage moves; a version number does not."""
+    version: str | None = None
+    """The version the URI resolved to at the last successful look."""
+    checked_at: str | None = None
+    error: str | None = None
+    """Why the last look at the registry, or the last new version, failed (None once one succeeds)."""
+
+
 class CacheInfo(msgspec.Struct):
     enabled: bool
     ttl_s: float | None
@@ -126,12 +165,15 @@ class ModelVersionInfo(msgspec.Struct):
     """The version's directory in the repository."""
     cache: CacheInfo
     error: str | None = None
+    mlflow: MlflowInfo | None = None
 
 
-class ModelInfo(msgspec.Struct):
+class ModelInfo(msgspec.Struct, omit_defaults=True):
     name: str
     active_version: str | None
     versions: list[ModelVersionInfo]
+    source: SourceStatus | None = None
+    """For a model served from the MLflow registry: what its source last said."""
 
 
 class ModelsResponse(msgspec.Struct):

@@ -127,6 +127,10 @@ class ModelCacheSettings(msgspec.Struct, forbid_unknown_fields=True, frozen=True
 class ModelSettings(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     """Operator overrides for one model name; they win over the model's own ``model.toml``."""
 
+    source: str | None = None
+    """Serve the model from MLflow instead of the repository on disk: ``models:/NAME@ALIAS`` (followed
+    as the alias moves), ``models:/NAME/STAGE`` (followed too), ``models:/NAME/VERSION`` or the path
+    of a local MLflow model directory."""
     active_version: str | None = None
     """The version that answers at first start; a version activated later is kept in the state store."""
     preload: Preload = "all"
@@ -151,6 +155,7 @@ class Settings(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     host: str = "127.0.0.1"
     port: Annotated[int, msgspec.Meta(ge=0, le=65535)] = 8080
     models_dir: str = "models"
+    """The model repository on disk; empty: none (every model comes from its ``source``)."""
     workers: Annotated[int, msgspec.Meta(ge=0)] = 0
     """Worker processes; 0 means one per core."""
     worker_threads: PositiveInt = 1
@@ -188,6 +193,13 @@ class Settings(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     """How often a replica re-reads the shared state, in case it missed a published change."""
     cache: CacheSettings = CacheSettings()
     prediction_log: PredictionLogSettings = PredictionLogSettings()
+    mlflow_tracking_uri: Secret | None = None
+    """The MLflow tracking and registry server of models with a ``models:/`` source; default: MLflow's
+    own (``MLFLOW_TRACKING_URI``)."""
+    mlflow_cache_dir: str | None = None
+    """Where registry versions are downloaded to, once each; default: ``$XDG_CACHE_HOME/mlserve/mlflow``."""
+    watch_interval_s: PositiveFloat = 10.0
+    """How often the registry is asked where each followed alias (or stage) points."""
 
     def __post_init__(self) -> None:
         _check_batching(self.batching)
@@ -209,6 +221,8 @@ class Settings(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     def state_file(self) -> str:
         if self.state_path:
             return self.state_path
+        if not self.models_dir:
+            return os.path.abspath("mlserve.state.json")
         repository = os.path.abspath(self.models_dir)
         return repository.rstrip(os.sep) + ".state.json"
 
@@ -218,6 +232,18 @@ class Settings(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
         own = override.cache if override else ModelCacheSettings()
         enabled = self.cache.enabled if own.enabled is None else own.enabled
         return (own.ttl_s or self.cache.ttl_s) if enabled else None
+
+    @property
+    def mlflow_cache(self) -> str:
+        if self.mlflow_cache_dir:
+            return self.mlflow_cache_dir
+        base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+        return os.path.join(base, "mlserve", "mlflow")
+
+    @property
+    def sources(self) -> dict[str, str]:
+        """Each model served from MLflow, and its source URI."""
+        return {name: model.source for name, model in self.models.items() if model.source}
 
     @property
     def cache_redis_url(self) -> str | None:

@@ -44,7 +44,10 @@ def _warmup_input(spec: ModelSpec, rows: int) -> Any:
         return [blank_png(spec.metadata.image.size)] * rows
     import numpy as np
 
-    return np.zeros((rows, *spec.metadata.input_shape))
+    shape = (rows, *spec.metadata.input_shape)
+    if spec.example:
+        return np.resize(np.asarray(spec.example, dtype=np.float64), shape)
+    return np.zeros(shape)
 
 
 class _Models:

@@ -124,8 +124,11 @@ class ServerProc:
         workers: int = 2,
         expect_traceback: bool = False,
         host: str = "127.0.0.1",
+        args: Sequence[str] = (),
     ) -> None:
         self.models_dir = models_dir
+        self.args = list(args)
+        """More ``mlserve serve`` arguments (``--model URI``)."""
         self.workdir = workdir
         self.host = host
         self.env = {"MLSERVE_STATE_PATH": str(workdir / "state.json"), **(env or {})}
@@ -172,7 +175,7 @@ class ServerProc:
     def _spawn(self) -> None:
         self.port = free_port()
         args = ["serve", "--host", self.host, "--port", str(self.port)]
-        args += ["--models-dir", str(self.models_dir), "--workers", str(self.workers)]
+        args += ["--models-dir", str(self.models_dir), "--workers", str(self.workers), *self.args]
         if self.config is not None:
             config_path = self.workdir / "mlserve.toml"
             config_path.write_text(self.config)

@@ -28,6 +28,9 @@ ALLOWED: dict[str, set[str]] = {
     "runtimes": {"repository", "settings"},
     "runtimes.sklearn": {"repository", "schemas", "settings"},
     "runtimes.torch": {"repository", "schemas", "settings"},
+    "runtimes.mlflow": {"repository", "runtimes.sklearn", "schemas", "settings"},
+    "sources": set(),
+    "sources.mlflow": {"errors", "repository", "schemas"},
     "images": {"errors", "runtimes", "schemas"},
     "worker": {"images", "ipc", "repository", "runtimes", "settings"},
     "pool": {"errors", "ipc", "repository", "settings", "worker"},
@@ -37,7 +40,8 @@ ALLOWED: dict[str, set[str]] = {
     "routing": {"errors", "experiments", "registry"},
     "state": {"errors", "experiments", "settings"},
     "control": {
-        "batcher", "cache", "errors", "experiments", "metrics", "pool", "registry", "repository", "settings", "state"
+        "batcher", "cache", "errors", "experiments", "metrics", "pool", "registry", "repository", "settings",
+        "sources.mlflow", "state",
     },
     "shadow": {"batcher", "errors", "experiments", "metrics", "registry"},
     "service": {"batcher", "cache", "errors", "experiments", "metrics", "registry", "routing", "shadow"},
@@ -58,11 +62,14 @@ ALLOWED: dict[str, set[str]] = {
         "service",
     },
     "api.experiments": {"api.admin", "api.errors", "api.http", "api.keys", "errors", "experiments", "schemas"},
+    "api.invocations": {
+        "api.errors", "api.http", "api.keys", "api.predict", "errors", "metrics", "service",
+    },
     "app": {
         "api", "api.errors", "api.keys", "cache", "control", "metrics", "pool", "predictionlog", "registry", "service",
         "settings", "state",
     },
-    "cli": {"app", "demo_models", "errors", "settings"},
+    "cli": {"app", "demo_models", "errors", "settings", "sources.mlflow"},
     "": set(),
     "__main__": {"cli"},
 }

@@ -1,4 +1,4 @@
--- What every request script shares, loaded with dofile(): iris_row() and done().
+-- What every request script shares, loaded with dofile(): post(), iris_row(), row_request() and done().
 
 -- Iris feature ranges (min, max): sepal length/width, petal length/width.
 local lo = { 4.3, 2.0, 1.0, 0.1 }
@@ -19,6 +19,12 @@ function iris_row()
       f[i] = lo[i] + (hi[i] - lo[i]) * math.random()
    end
    return f
+end
+
+-- A request whose body is `template` with a fresh iris row's four values in its four %.3f.
+function row_request(template)
+   local f = iris_row()
+   return wrk.format(nil, nil, nil, string.format(template, f[1], f[2], f[3], f[4]))
 end
 
 -- Prints exactly one line starting with "WRKJSON " followed by a JSON object

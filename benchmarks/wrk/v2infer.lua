@@ -11,9 +11,5 @@ function init(args)
 end
 
 function request()
-   local f = iris_row()
-   local body = string.format(
-      '{"inputs":[{"name":"input-0","shape":[1,4],"datatype":"FP64","data":[%.3f,%.3f,%.3f,%.3f]}]}',
-      f[1], f[2], f[3], f[4])
-   return wrk.format(nil, nil, nil, body)
+   return row_request('{"inputs":[{"name":"input-0","shape":[1,4],"datatype":"FP64","data":[%.3f,%.3f,%.3f,%.3f]}]}')
 end

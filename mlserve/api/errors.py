@@ -1,8 +1,11 @@
 """The one place where errors become HTTP statuses, and where request metrics are recorded.
 
-Every failure leaves as a JSON object with an ``"error"`` string: the core's typed errors, aiohttp's
-own (body over ``client_max_size``), unknown routes and methods, and anything unexpected, which is
-logged with its traceback and answered with a 500 that reveals nothing internal.
+Every failure leaves as a JSON object: the core's typed errors, aiohttp's own (body over
+``client_max_size``), unknown routes and methods, and anything unexpected, which is logged with its
+traceback and answered with a 500 that reveals nothing internal. ``STATUS`` is the one mapping from
+typed errors to statuses; each protocol has an encoder that writes a status and message in its own
+shape: ``json_error`` (``{"error", "path"}``, the default) and ``mlflow_error`` (MLflow's
+``{"error_code", "message"}``).
 
 Handlers are wrapped one by one with ``guard`` (or ``metered``) rather than by an aiohttp middleware: a middleware
 adds two coroutine layers to every request, which measured 11% of the cheap model's throughput.
@@ -42,6 +45,7 @@ STATUS: dict[type[errors.MlserveError], int] = {
     errors.QueueFull: 503,
     errors.ShuttingDown: 503,
     errors.StateUnavailable: 503,
+    errors.RegistryUnavailable: 503,
     errors.WorkerUnavailable: 503,
     errors.DeadlineExceeded: 504,
 }
@@ -51,6 +55,34 @@ CLIENT_CLOSED_REQUEST = 499
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 MeteredHandler = Callable[[web.Request], Awaitable[tuple[web.StreamResponse, RequestRecorder]]]
+ErrorEncoder = Callable[[int, str, str | None, dict[str, str] | None], web.Response]
+"""A protocol's error shape: ``(status, message, path, headers)`` to a response."""
+
+MLFLOW_CODES: dict[int, str] = {
+    400: "BAD_REQUEST",
+    401: "UNAUTHENTICATED",
+    403: "PERMISSION_DENIED",
+    404: "RESOURCE_DOES_NOT_EXIST",
+    405: "BAD_REQUEST",
+    409: "RESOURCE_CONFLICT",
+    413: "BAD_REQUEST",
+    415: "BAD_REQUEST",
+    422: "INVALID_PARAMETER_VALUE",
+    500: "INTERNAL_ERROR",
+    503: "TEMPORARILY_UNAVAILABLE",
+    504: "DEADLINE_EXCEEDED",
+}
+"""MLflow's ``error_code`` for each status we send. MLflow itself answers every bad input with a 400,
+``BAD_REQUEST`` when it cannot parse it and ``INVALID_PARAMETER_VALUE`` when it does not fit the model's
+schema; here the status stays ours (422 for the latter) and the code says the same thing MLflow's does."""
+
+
+class _ErrorText(msgspec.Struct):
+    error: str = ""
+    message: str = ""
+
+
+_error_text = msgspec.json.Decoder(_ErrorText)
 
 
 def json_error(status: int, message: str, path: str | None = None, headers: dict[str, str] | None = None) -> web.Response:
@@ -62,20 +94,37 @@ def json_error(status: int, message: str, path: str | None = None, headers: dict
     )
 
 
-def from_error(exc: errors.MlserveError) -> web.Response:
+def mlflow_error(
+    status: int, message: str, path: str | None = None, headers: dict[str, str] | None = None
+) -> web.Response:
+    """MLflow's error shape; the field at fault, where there is one, ends the message."""
+    body = {
+        "error_code": MLFLOW_CODES.get(status, "INTERNAL_ERROR" if status >= 500 else "BAD_REQUEST"),
+        "message": message if path is None else f"{message} (at {path})",
+    }
+    return web.Response(status=status, body=encoder.encode(body), content_type="application/json", headers=headers)
+
+
+def error_text(response: web.Response) -> str:
+    """The message of an error response in any of the encoders' shapes."""
+    text = _error_text.decode(response.body)
+    return text.error or text.message
+
+
+def from_error(exc: errors.MlserveError, encode: ErrorEncoder = json_error) -> web.Response:
     status = next((code for kind, code in STATUS.items() if isinstance(exc, kind)), 500)
     retry_after = getattr(exc, "retry_after_s", None)
     headers = {"Retry-After": str(retry_after)} if retry_after is not None else {}
     if status == 401:
         headers["WWW-Authenticate"] = 'Bearer realm="mlserve admin"'
-    return json_error(status, str(exc), getattr(exc, "path", None), headers or None)
+    return encode(status, str(exc), getattr(exc, "path", None), headers or None)
 
 
-def from_http_exception(exc: web.HTTPException) -> web.Response:
+def from_http_exception(exc: web.HTTPException, encode: ErrorEncoder = json_error) -> web.Response:
     """aiohttp's own refusals; a 413's text already names the limit and the size it saw."""
     message = exc.text if isinstance(exc, web.HTTPRequestEntityTooLarge) and exc.text else exc.reason
     headers = {k: v for k, v in exc.headers.items() if k in ("Allow", "Retry-After")}
-    return json_error(exc.status, message, headers=headers or None)
+    return encode(exc.status, message, None, headers or None)
 
 
 def validation_path(exc: msgspec.ValidationError) -> str:
@@ -87,28 +136,28 @@ def validation_path(exc: msgspec.ValidationError) -> str:
     return f"{where}.{unknown.group(1)}" if unknown else where
 
 
-def error_response(request: web.Request, exc: Exception) -> web.Response:
+def error_response(request: web.Request, exc: Exception, encode: ErrorEncoder = json_error) -> web.Response:
     if isinstance(exc, errors.MlserveError):
-        return from_error(exc)
+        return from_error(exc, encode)
     if isinstance(exc, web.HTTPException):
-        return from_http_exception(exc)
+        return from_http_exception(exc, encode)
     log.error("unhandled error on %s %s", request.method, request.path, exc_info=exc)
-    return json_error(500, "internal server error")
+    return encode(500, "internal server error", None, None)
 
 
-def guard(handler: Handler) -> Handler:
-    """Map ``handler``'s errors to JSON responses."""
+def guard(handler: Handler, encode: ErrorEncoder = json_error) -> Handler:
+    """Map ``handler``'s errors to responses in the shape ``encode`` writes."""
 
     async def guarded(request: web.Request) -> web.StreamResponse:
         try:
             return await handler(request)
         except Exception as exc:
-            return error_response(request, exc)
+            return error_response(request, exc, encode)
 
     return guarded
 
 
-def metered(handler: MeteredHandler, endpoint: str) -> Handler:
+def metered(handler: MeteredHandler, endpoint: str, encode: ErrorEncoder = json_error) -> Handler:
     """``guard`` for a prediction endpoint, which also records the request's count and duration.
 
     On success the handler hands back its version's pre-resolved recorder, so the common path costs
@@ -124,7 +173,7 @@ def metered(handler: MeteredHandler, endpoint: str) -> Handler:
             observe(request, endpoint, CLIENT_CLOSED_REQUEST, started)
             raise
         except Exception as exc:
-            response = error_response(request, exc)
+            response = error_response(request, exc, encode)
             observe(request, endpoint, response.status, started)
             return response
         recorder.record(time.perf_counter() - started)

@@ -11,21 +11,21 @@ import hashlib
 import time
 from typing import Any
 
-import msgspec
 from aiohttp import web
 
-from mlserve.api.errors import CLIENT_CLOSED_REQUEST, Handler, MeteredHandler, error_response, observe
+from mlserve.api.errors import (
+    CLIENT_CLOSED_REQUEST, ErrorEncoder, Handler, MeteredHandler, error_response, error_text, json_error, observe
+)
 from mlserve.api.keys import CALL, RESULT, SERVED
 from mlserve.batcher import BatchResult
 from mlserve.predictionlog import PredictionLog, Record
 from mlserve.registry import ServedVersion
-from mlserve.schemas import ErrorResponse
 from mlserve.service import Call
 
 REQUEST_ID_HEADER = "X-Request-ID"
 
 
-def logged(handler: MeteredHandler, endpoint: str, log: PredictionLog) -> Handler:
+def logged(handler: MeteredHandler, endpoint: str, log: PredictionLog, encode: ErrorEncoder = json_error) -> Handler:
     """``metered`` that also echoes the request id and adds a record to the prediction log.
 
     The record is built from what the handler set on the request (``SERVED``, ``CALL``, ``RESULT``);
@@ -46,13 +46,13 @@ def logged(handler: MeteredHandler, endpoint: str, log: PredictionLog) -> Handle
                                 request.get(SERVED), request.get(CALL), request.get(RESULT)))
             raise
         except Exception as exc:
-            response = error_response(request, exc)
+            response = error_response(request, exc, encode)
             elapsed = observe(request, endpoint, response.status, started)
             response.headers[REQUEST_ID_HEADER] = request_id
             if every or log.sampled():
                 record = _record(endpoint, request_id, response.status, elapsed, payloads,
                                  request.get(SERVED), request.get(CALL), request.get(RESULT))
-                record.error = msgspec.json.decode(response.body, type=ErrorResponse).error
+                record.error = error_text(response)
                 log.add(record)
             return response
         elapsed = time.perf_counter() - started

@@ -7,13 +7,13 @@ from aiohttp import web
 
 from mlserve.api.errors import guard
 from mlserve.api.http import respond
-from mlserve.api.keys import REGISTRY
+from mlserve.api.keys import CONTROL, REGISTRY
 from mlserve.errors import ModelNotFound
 from mlserve.registry import Registry
-from mlserve.schemas import CacheInfo, ModelInfo, ModelsResponse, ModelVersionInfo
+from mlserve.schemas import CacheInfo, ModelInfo, ModelsResponse, ModelVersionInfo, SourceStatus
 
 
-def describe(registry: Registry, model: str) -> ModelInfo:
+def describe(registry: Registry, model: str, source: SourceStatus | None = None) -> ModelInfo:
     active = registry.active(model)
     infos = [
         ModelVersionInfo(
@@ -32,23 +32,33 @@ def describe(registry: Registry, model: str) -> ModelInfo:
             path=served.spec.directory,
             cache=CacheInfo(enabled=served.cache is not None, ttl_s=served.cache.ttl_s if served.cache else None),
             error=served.error,
+            mlflow=served.spec.mlflow,
         )
         for version, served in registry.versions(model).items()
     ]
-    return ModelInfo(name=model, active_version=active, versions=infos)
+    return ModelInfo(name=model, active_version=active, versions=infos, source=source)
+
+
+def _sources(request: web.Request) -> dict[str, SourceStatus]:
+    """What each MLflow-sourced model's source last said; such a model is listed even while it has
+    no version (its registry could not be reached at start), so the listing says why."""
+    return {model: source.status for model, source in request.app[CONTROL].sources.items()}
 
 
 async def list_models(request: web.Request) -> web.Response:
     registry = request.app[REGISTRY]
-    return respond(ModelsResponse(models=[describe(registry, name) for name in sorted(registry.models())]))
+    sources = _sources(request)
+    names = sorted(set(registry.models()) | set(sources))
+    return respond(ModelsResponse(models=[describe(registry, name, sources.get(name)) for name in names]))
 
 
 async def list_versions(request: web.Request) -> web.Response:
     name = request.match_info["name"]
     registry = request.app[REGISTRY]
-    if name not in registry.models():
+    sources = _sources(request)
+    if name not in registry.models() and name not in sources:
         raise ModelNotFound(f"unknown model {name!r}")
-    return respond(describe(registry, name))
+    return respond(describe(registry, name, sources.get(name)))
 
 
 def add_routes(app: web.Application) -> None:

@@ -7,6 +7,7 @@ user key read (``X-User-ID``, ``?user_id=`` or the body's ``user_id``)."""
 from __future__ import annotations
 
 import math
+from collections.abc import Awaitable
 from typing import Any
 
 import msgspec
@@ -14,7 +15,7 @@ import numpy as np
 from aiohttp import web
 
 from mlserve import schemas
-from mlserve.api.errors import metered
+from mlserve.api.errors import ErrorEncoder, MeteredHandler, json_error, metered
 from mlserve.api.http import VARIANT_HEADER, decode, mark_cached, respond, timeout, user_key, wants_fresh
 from mlserve.api.logged import logged
 from mlserve.api.keys import CALL, PREDICTION_LOG, RESULT, SERVED, SERVICE, SETTINGS
@@ -26,6 +27,7 @@ from mlserve.registry import ServedVersion
 from mlserve.service import Call
 
 IMAGE_QUERY = {"model", "model_version", "user_id"}
+FEW_ROWS = 8
 
 
 def label(served: ServedVersion, value: Any) -> str | None:
@@ -39,9 +41,10 @@ def label(served: ServedVersion, value: Any) -> str | None:
 def checked_rows(samples: list[list[float]], served: ServedVersion, path: str, single: bool) -> None:
     """Refuse wrong widths and non-finite values, with the JSON path of the first fault.
 
-    JSON has no NaN or infinity literals, but a number like ``1e999`` overflows to infinity. One row is
-    checked in Python (cheaper than numpy for a handful of floats); a batch with numpy. The rows go
-    on as lists: the batch array is built once a batch, not once a request.
+    JSON has no NaN or infinity literals, but a number like ``1e999`` overflows to infinity. A few rows
+    are checked in Python (cheaper than numpy for a handful of floats); a larger batch, or one with a
+    fault to locate, with numpy. The rows go on as lists: the batch array is built once a batch, not
+    once a request.
     """
     if served.takes_images:
         raise ValidationFailed(f"{served.spec.key} takes images: POST them to /predict/image", "$.model")
@@ -50,14 +53,58 @@ def checked_rows(samples: list[list[float]], served: ServedVersion, path: str, s
         if len(row) != width:
             where = path if single else f"{path}[{index}]"
             raise ValidationFailed(f"expected {width} features, got {len(row)}", where)
-    if single and all(map(math.isfinite, samples[0])):
-        return
-    faults = np.argwhere(~np.isfinite(np.array(samples, dtype=np.float64)))
-    if not len(faults):
-        return
-    index, column = faults[0]
-    where = f"{path}[{column}]" if single else f"{path}[{index}][{column}]"
-    raise ValidationFailed("features must be finite numbers (no NaN or infinity)", where)
+    if single:
+        finite = all(map(math.isfinite, samples[0]))
+    else:  # a few rows are checked faster in Python than by building an array
+        finite = len(samples) <= FEW_ROWS and all(all(map(math.isfinite, row)) for row in samples)
+    if not finite:
+        faults = np.argwhere(~np.isfinite(np.array(samples, dtype=np.float64)))
+        if len(faults):
+            index, column = faults[0]
+            where = f"{path}[{column}]" if single else f"{path}[{index}][{column}]"
+            raise ValidationFailed("features must be finite numbers (no NaN or infinity)", where)
+    if served.integral:
+        _check_integral(samples, served, path, single)
+
+
+def _check_integral(samples: list[list[float]], served: ServedVersion, path: str, single: bool) -> None:
+    """Refuse a fraction where the model's signature declares a whole number, before it is queued
+    (MLflow's schema check would fail the whole batch it landed in)."""
+    for index, row in enumerate(samples):
+        for column, name, kind in served.integral:
+            value = row[column]
+            if value != int(value) or (kind == "boolean" and value not in (0, 1)):
+                where = f"{path}[{column}]" if single else f"{path}[{index}][{column}]"
+                wanted = "0 or 1" if kind == "boolean" else "a whole number"
+                raise ValidationFailed(f"feature {name!r} is {kind}: {value!r} is not {wanted}", where)
+
+
+def counted(rows: list[Any], limit: int, what: str, path: str, unit: str | None = None) -> None:
+    """Refuse a call without rows (422) or with more than ``limit`` (413); ``unit`` counts them
+    (``what`` by default)."""
+    if not rows:
+        raise ValidationFailed(f"{what} must hold at least one row", path)
+    if len(rows) > limit:
+        raise PayloadTooLarge(f"{len(rows)} {unit or what} is over the limit of {limit} a request")
+
+
+def routed(request: web.Request, call: Call, user_id: str | None = None) -> ServedVersion:
+    """The version that answers ``call`` (by the caller's user key while experiments run), noted on
+    the request for the metrics and the prediction log."""
+    service = request.app[SERVICE]
+    if service.experiments:
+        call.routing_key = user_key(request, user_id)
+    served = service.route(call)
+    request[SERVED] = served
+    request[CALL] = call
+    return served
+
+
+def computed(request: web.Request, served: ServedVersion, call: Call) -> Awaitable[BatchResult]:
+    """``call``'s validated rows sent to ``served``: the service's own awaitable, not a coroutine layer."""
+    if served.cache is not None:
+        call.fresh = wants_fresh(request)
+    return request.app[SERVICE].predict(served, call)
 
 
 def answered(
@@ -84,17 +131,10 @@ async def predict_ab(request: web.Request) -> tuple[web.Response, RequestRecorde
 
 async def _predict_one(request: web.Request, endpoint: str) -> tuple[web.Response, RequestRecorder]:
     body = decode(schemas.predict_decoder, await request.read())
-    service = request.app[SERVICE]
     call = Call(body.model, body.model_version, [body.features], "features", timeout(request))
-    if service.experiments:
-        call.routing_key = user_key(request, body.user_id)
-    served = service.route(call)
-    request[SERVED] = served
-    request[CALL] = call
+    served = routed(request, call, body.user_id)
     checked_rows(call.rows, served, "$.features", single=True)
-    if served.cache is not None:
-        call.fresh = wants_fresh(request)
-    result = request[RESULT] = await service.predict(served, call)
+    result = request[RESULT] = await computed(request, served, call)
     prediction = result.values[0]
     answer = schemas.PredictResponse(
         prediction=prediction,
@@ -109,22 +149,11 @@ async def _predict_one(request: web.Request, endpoint: str) -> tuple[web.Respons
 
 async def predict_batch(request: web.Request) -> tuple[web.Response, RequestRecorder]:
     body = decode(schemas.batch_predict_decoder, await request.read())
-    limit = request.app[SETTINGS].max_batch_rows
-    if not body.samples:
-        raise ValidationFailed("samples must hold at least one row", "$.samples")
-    if len(body.samples) > limit:
-        raise PayloadTooLarge(f"{len(body.samples)} samples is over the limit of {limit} a request")
-    service = request.app[SERVICE]
+    counted(body.samples, request.app[SETTINGS].max_batch_rows, "samples", "$.samples")
     call = Call(body.model, body.model_version, body.samples, "features", timeout(request))
-    if service.experiments:
-        call.routing_key = user_key(request, body.user_id)
-    served = service.route(call)
-    request[SERVED] = served
-    request[CALL] = call
+    served = routed(request, call, body.user_id)
     checked_rows(call.rows, served, "$.samples", single=False)
-    if served.cache is not None:
-        call.fresh = wants_fresh(request)
-    result = request[RESULT] = await service.predict(served, call)
+    result = request[RESULT] = await computed(request, served, call)
     labels = [label(served, value) for value in result.values] if served.labels else []
     answer = schemas.BatchPredictResponse(
         predictions=result.values,
@@ -144,19 +173,12 @@ async def predict_image(request: web.Request) -> tuple[web.Response, RequestReco
     if unknown:
         known = ", ".join(sorted(IMAGE_QUERY))
         raise ValidationFailed(f"unknown query parameter {unknown[0]!r}; known: {known}", unknown[0])
-    service = request.app[SERVICE]
     call = Call(query.get("model"), query.get("model_version"), [], "image", timeout(request))
-    if service.experiments:
-        call.routing_key = user_key(request)
-    served = service.route(call)
-    request[SERVED] = served
-    request[CALL] = call
+    served = routed(request, call)
     if not served.takes_images:
         raise ValidationFailed(f"{served.spec.key} takes feature rows, not images: POST them to /predict", "model")
     call.rows = [await read_image(request, request.app[SETTINGS].max_image_bytes)]
-    if served.cache is not None:
-        call.fresh = wants_fresh(request)
-    result = request[RESULT] = await service.predict(served, call)
+    result = request[RESULT] = await computed(request, served, call)
     value = result.values[0]
     if isinstance(value, MlserveError):
         raise value  # this image's own fault, found by the worker that decoded it
@@ -173,14 +195,22 @@ async def predict_image(request: web.Request) -> tuple[web.Response, RequestReco
     return answered(answer, served, call, result, "predict_image")
 
 
+def add_prediction_route(
+    app: web.Application, path: str, handler: MeteredHandler, encode: ErrorEncoder = json_error
+) -> None:
+    """``POST path`` to ``handler``, metered under its name; with the prediction log on, logged too."""
+    log = app.get(PREDICTION_LOG)
+    name = handler.__name__
+    wrapped = metered(handler, name, encode) if log is None else logged(handler, name, log, encode)
+    app.router.add_post(path, wrapped, name=name)
+
+
 def add_routes(app: web.Application) -> None:
     """Register the prediction routes; with the prediction log on, each also writes its lines."""
-    log = app.get(PREDICTION_LOG)
     for path, handler in (
         ("/predict", predict),
         ("/predict/ab", predict_ab),
         ("/predict/batch", predict_batch),
         ("/predict/image", predict_image),
     ):
-        name = handler.__name__
-        app.router.add_post(path, metered(handler, name) if log is None else logged(handler, name, log), name=name)
+        add_prediction_route(app, path, handler)

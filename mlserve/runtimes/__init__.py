@@ -14,7 +14,11 @@ import numpy as np
 from mlserve.repository import ModelSpec
 from mlserve.settings import WorkerOptions
 
-FRAMEWORKS = {"sklearn": "mlserve.runtimes.sklearn", "torch": "mlserve.runtimes.torch"}
+FRAMEWORKS = {
+    "sklearn": "mlserve.runtimes.sklearn",
+    "torch": "mlserve.runtimes.torch",
+    "mlflow": "mlserve.runtimes.mlflow",
+}
 
 
 class Runtime(Protocol):

@@ -1,0 +1,1 @@
+"""Where model versions come from besides the repository on disk (which ``mlserve.repository`` scans)."""
