@@ -62,7 +62,8 @@ def add_ratios(points: list[Point], offline: dict[str, Any]) -> None:
     * ``vs_peer``: mlserve's batching-on req/s / MLServer's on the same model, when it ran.
     * ``vs_cache_off``: a cache scenario's req/s / the same model's with the cache off (``VERSION-on``).
     * ``vs_reference``, ``p50_vs_reference``, ``p99_vs_reference``: req/s, p50 and p99 over those of
-      the scenario's reference (the same model served the plain way), when it names one.
+      the scenario's reference (the same model served the plain way), when it names one;
+      ``rows_vs_reference`` too, rows/s over rows/s, when either sends more than one row a request.
     """
     for point in closed(points):
         ratios: dict[str, float | None] = {"vs_floor": None, "on_off": None, "vs_offline_b32": None,
@@ -86,6 +87,10 @@ def add_ratios(points: list[Point], offline: dict[str, Any]) -> None:
         for prefix, key in (("", "rps"), ("p50_", "p50_ms"), ("p99_", "p99_ms")):
             ratio = _div(point[key], reference[key])
             point["ratios"][f"{prefix}vs_reference"] = round(ratio, 4) if ratio is not None else None
+        rows, reference_rows = point.get("rows_per_request", 1), reference.get("rows_per_request", 1)
+        if rows != 1 or reference_rows != 1:
+            ratio = _div(point["rps"] * rows, reference["rps"] * reference_rows)
+            point["ratios"]["rows_vs_reference"] = round(ratio, 4) if ratio is not None else None
 
 
 def headline(points: list[Point]) -> dict[str, Any]:
@@ -108,12 +113,16 @@ def headline(points: list[Point]) -> dict[str, Any]:
             "reference": reference["scenario"],
             **{f"{prefix}{key}": round(p[key], 2) for prefix, p in (("", point), ("ref_", reference))
                for key in ("rps", "p50_ms", "p99_ms")},
-            **{key: point["ratios"].get(key) for key in ("vs_reference", "p50_vs_reference", "p99_vs_reference")},
+            **{key: point["ratios"].get(key) for key in ("vs_reference", "p50_vs_reference", "p99_vs_reference",
+                                                         "rows_vs_reference")},
+            "rows_per_request": point.get("rows_per_request", 1),
+            "ref_rows_per_request": reference.get("rows_per_request", 1),
         }
-    for version in ("v1", "v2"):
-        ours, peer = _find(points, f"{version}-on", 64), _find(points, f"mlserver-{version}", 64)
+    for version, ours_name in (("v1", "v1-on"), ("v2", "v2-on"), ("v1", "v1-v2"), ("v2", "v2-v2")):
+        ours, peer = _find(points, ours_name, 64), _find(points, f"mlserver-{version}", 64)
         if ours and peer:
-            out["vs_peer_at_64"][version] = {
+            name = version if ours_name.endswith("-on") else f"{version} via /v2 (MLServer's protocol)"
+            out["vs_peer_at_64"][name] = {
                 "rps": round(ours["rps"], 1),
                 "peer_rps": round(peer["rps"], 1),
                 "ratio": round(ours["rps"] / peer["rps"], 2),
@@ -202,5 +211,7 @@ def headline_lines(head: dict[str, Any]) -> list[str]:
             f"({times(d['vs_reference'])}), "
             f"p50 {d['p50_ms']:.2f} vs {d['ref_p50_ms']:.2f} ms ({times(d['p50_vs_reference'])}), "
             f"p99 {d['p99_ms']:.2f} vs {d['ref_p99_ms']:.2f} ms ({times(d['p99_vs_reference'])})"
+            + (f"; rows/s {d['rps'] * d['rows_per_request']:.0f} vs {d['ref_rps'] * d['ref_rows_per_request']:.0f} "
+               f"({times(d['rows_vs_reference'])})" if d.get("rows_vs_reference") is not None else "")
         )
     return lines

@@ -71,6 +71,8 @@ class Plan:
             return [str(self.image_file)]
         if scenario.protocol == "invocations":
             return [json.dumps(IRIS_COLUMNS)]
+        if scenario.protocol == "v2":
+            return [str(scenario.rows_per_request)] if scenario.rows_per_request > 1 else []
         version = scenario.version if scenario.names_version else "-"
         users = ["users"] if scenario.experiment is not None else []
         return [version, scenario.model, str(scenario.distinct), *users]
@@ -137,7 +139,7 @@ def _read_batch_metrics(base_url: str, scenario: Scenario) -> promtext.HistTotal
 
 def _sanity(server: servers.Server, scenario: Scenario) -> dict[str, Any]:
     """One real request before load: a broken contract should be loud, not a 0 req/s row."""
-    if scenario.kind == "mlserver":
+    if scenario.kind == "mlserver" or scenario.protocol == "v2":
         payload = {"inputs": [{"name": "input-0", "shape": [1, 4], "datatype": "FP64",
                                "data": [5.1, 3.5, 1.4, 0.2]}]}
         body, content_type = json.dumps(payload).encode(), "application/json"
@@ -587,6 +589,7 @@ def _point_header(scenario: Scenario, concurrency: int, loop: str = "closed") ->
         "batching": scenario.batching,
         "cache": scenario.cache,
         "reference": scenario.reference,
+        "rows_per_request": scenario.rows_per_request,
         "concurrency": concurrency,
         "loop": loop,
     }

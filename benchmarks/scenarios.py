@@ -55,8 +55,12 @@ class Scenario:
     """Served from the run's MLflow registry as ``models:/MODEL@champion`` instead of from the disk
     repository; ``version`` is the registry version the alias points to, and requests name none."""
     protocol: str = "predict"
-    """How requests reach the model: ``predict`` (``POST /predict``) or ``invocations`` (MLflow's
-    scoring protocol, a one-row ``dataframe_split`` body; the URL names model and version)."""
+    """How requests reach the model: ``predict`` (``POST /predict``), ``invocations`` (MLflow's
+    scoring protocol, a one-row ``dataframe_split`` body; the URL names model and version) or ``v2``
+    (the Open Inference Protocol: ``POST /v2/models/MODEL/versions/V/infer``, a one-row JSON tensor as
+    MLServer is sent, or ``rows_per_request`` rows as binary tensor data)."""
+    rows_per_request: int = 1
+    """Rows each request carries; above 1 the reference table also compares rows/s."""
     reference: str | None = None
     """The scenario this one is read against at the same concurrency (req/s, p50 and p99 ratios)."""
 
@@ -100,13 +104,17 @@ class Scenario:
             return f"/predict/image?model={self.model}&model_version={self.version}"
         if self.protocol == "invocations":
             return f"/invocations?model={self.model}&version={self.version}"
+        if self.protocol == "v2":
+            return f"/v2/models/{self.model}/versions/{self.version}/infer"
         return "/predict"
 
     @property
     def script(self) -> str:
         """The wrk Lua script: a fresh iris row, or the next of many distinct PNGs, per request."""
-        if self.kind == "mlserver":
+        if self.kind == "mlserver" or (self.protocol == "v2" and self.rows_per_request == 1):
             return "v2infer.lua"
+        if self.protocol == "v2":
+            return "v2binary.lua"
         if self.protocol == "invocations":
             return "invocations.lua"
         return "image.lua" if self.images else "predict.lua"
@@ -127,6 +135,8 @@ class Scenario:
         suffix = " (baseline build)" if self.baseline else ""
         if self.protocol != "predict":
             suffix += f" via /{self.protocol}"
+        if self.rows_per_request > 1:
+            suffix += f", {self.rows_per_request} rows a request (binary)"
         if self.cache is not None:
             rows = f"{self.distinct} distinct rows" if self.distinct else "every row new"
             suffix += f" cache={self.cache}, {rows}{', Redis killed mid-run' if self.outage else ''}"
@@ -188,13 +198,20 @@ CATALOGUE: tuple[Scenario, ...] = (
              reference="v1-on"),
     Scenario("v1-invocations", "mlserve", "v1", True, protocol="invocations", closed_only=True, points=(64,),
              reference="v1-on"),
+    # The Open Inference Protocol (v2): one JSON row a request against /predict, and 64 rows a request as
+    # binary tensor data against 64 one-row JSON requests (rows/s is its figure of merit). v2-v2 is the iris
+    # v2 model the same way, so that ``--peers`` compares both models with MLServer on its own protocol.
+    Scenario("v1-v2", "mlserve", "v1", True, protocol="v2", closed_only=True, points=(64,), reference="v1-on"),
+    Scenario("v1-v2-binary64", "mlserve", "v1", True, protocol="v2", rows_per_request=64, closed_only=True,
+             points=(64,), reference="v1-v2"),
+    Scenario("v2-v2", "mlserve", "v2", True, protocol="v2", closed_only=True, points=(64,), reference="v2-on"),
 )
 # The peers run only when asked for (``--peers`` or ``make bench-peers``): they need their own venv.
 PEERS: tuple[Scenario, ...] = (
     Scenario("mlserver-v1", "mlserver", "v1", True),
     Scenario("mlserver-v2", "mlserver", "v2", True),
 )
-PEER_BASELINES = ("floor", "v1-on", "v2-on")
+PEER_BASELINES = ("floor", "v1-on", "v2-on", "v1-v2", "v2-v2")
 DEFAULT_CONCURRENCY: tuple[int, ...] = (1, 16, 64, 256)
 # Open-loop arrival rates, as fractions of the same server's best closed-loop req/s at up to 64
 # connections in this run.

@@ -13,9 +13,10 @@ from collections.abc import AsyncIterator
 
 from aiohttp import web
 
-from mlserve.api import admin, experiments, health, invocations, models, predict
+from mlserve.api import admin, docs, experiments, health, invocations, models, predict, v2
 from mlserve.api.errors import add_fallback_route, guard
 from mlserve.api.keys import CACHE, CONTROL, METRICS, POOL, PREDICTION_LOG, REGISTRY, SERVICE, SETTINGS
+from mlserve.api.routedoc import RouteDoc
 from mlserve.cache import PredictionCache
 from mlserve.control import ControlPlane
 from mlserve.metrics import Metrics
@@ -54,6 +55,20 @@ async def _control_ctx(app: web.Application) -> AsyncIterator[None]:
     control.start()
     yield
     await control.close(app[SETTINGS].shutdown_timeout_s)
+
+
+METRICS_DOCS = (RouteDoc("GET", "/metrics", "Prometheus metrics", response_type="text/plain", tag="health"),)
+
+
+def documented() -> tuple[RouteDoc, ...]:
+    """Every route ``create_app`` registers but the docs' own, as ``/openapi.json`` describes them: each
+    handler module's ``DOCS``. A new handler module adds its ``DOCS`` here (tests/test_docs.py fails
+    on a route that is not documented)."""
+    return (
+        *predict.DOCS, *models.DOCS, *admin.DOCS, *experiments.DOCS, *health.DOCS, *invocations.DOCS,
+        *v2.DOCS,
+        *METRICS_DOCS,
+    )
 
 
 GC_YOUNG_THRESHOLD = 20_000
@@ -111,7 +126,9 @@ def create_app(settings: Settings) -> web.Application:
     experiments.add_routes(app)
     health.add_routes(app)
     invocations.add_routes(app)
+    v2.add_routes(app)
     app.router.add_get("/metrics", guard(app[METRICS].handle), name="metrics")
+    docs.add_routes(app, documented())
     add_fallback_route(app)
     return app
 

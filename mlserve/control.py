@@ -126,6 +126,8 @@ class ControlPlane:
         """Each sourced model's version that failed to fetch or load: tried again only after a move."""
         self.source_checks: collections.Counter[tuple[str, str]] = collections.Counter()
         """Looks at each model's source, by (model, result)."""
+        self.unloaded_models: set[str] = set()
+        """Models an operator unloaded whole (``unload_model``): they do not hold readiness back."""
 
     # -- start and stop ------------------------------------------------------------------------------
 
@@ -295,9 +297,11 @@ class ControlPlane:
 
     @property
     def ready(self) -> bool:
-        """Start-up loading is done and every model's active version serves."""
+        """Start-up loading is done and every model's active version serves, but for models an operator
+        unloaded whole on purpose (``unload_model``)."""
         return self._started and all(
-            self._registry.get(model, version).state == "ready" for model, version in self._registry.actives().items()
+            self._registry.get(model, version).state == "ready" or model in self.unloaded_models
+            for model, version in self._registry.actives().items()
         )
 
     async def close(self, timeout_s: float) -> None:
@@ -490,6 +494,46 @@ class ControlPlane:
         del self._refused[model]
         self._registry.set_experiment(model, experiment)
         log.info("experiment on %s (%s): %s", model, whose, msgspec.json.encode(experiment).decode())
+
+    # -- whole models, for the Open Inference Protocol's model repository extension -------------------------
+
+    async def load_model(self, model: str) -> list[VersionState]:
+        """Load and warm ``model``'s active version, then the other versions its preload names (as at start),
+        so that a model ``unload_model`` took out serves again. A failed active version raises ``LoadFailed``;
+        another version that fails stays ``failed``, its state says why. Loading a loaded model changes nothing."""
+        async with self._locks[model]:
+            versions = self._whole(model)
+            active = self._registry.active(model)
+            if active is None:
+                raise ModelNotFound(f"model {model!r} has no active version")
+            served = versions[active]
+            if served.state != "ready":
+                await self._load(served)
+            for version, other in versions.items():
+                if other is not served and self._preloads(model, version):
+                    await self._ensure_loaded(other)
+            self.unloaded_models.discard(model)
+            return [_state_of(served) for served in versions.values()]
+
+    async def unload_model(self, model: str) -> list[VersionState]:
+        """Drain and unload every version of ``model``, the active one first, so that it stops serving
+        (calls get 503 until ``load_model``); refused (409) while an experiment runs on it."""
+        async with self._locks[model]:
+            versions = self._whole(model)
+            if self._registry.experiment(model) is not None:
+                raise Conflict(f"model {model!r} runs an experiment: end it before unloading the model")
+            self.unloaded_models.add(model)
+            active = self._registry.active(model)
+            for served in sorted(versions.values(), key=lambda served: served.spec.version != active):
+                await self._unload(served)
+            log.info("unloaded every version of %s", model)
+            return [_state_of(served) for served in versions.values()]
+
+    def _whole(self, model: str) -> dict[str, ServedVersion]:
+        versions = self._registry.versions(model)
+        if not versions:
+            raise ModelNotFound(f"unknown model {model!r}")
+        return versions
 
     # -- models served from MLflow ---------------------------------------------------------------------------
 

@@ -24,7 +24,7 @@ from mlserve.settings import BatchingSettings
 INTEGRAL_TYPES = frozenset({"long", "integer", "boolean"})
 
 State = Literal["unloaded", "loading", "ready", "draining", "failed"]
-PREDICTION_ENDPOINTS = ("predict", "predict_ab", "predict_batch", "predict_image", "invocations")
+PREDICTION_ENDPOINTS = ("predict", "predict_ab", "predict_batch", "predict_image", "invocations", "v2_infer")
 
 
 class ServedVersion:

@@ -69,6 +69,14 @@ class ErrorResponse(msgspec.Struct, omit_defaults=True):
     path: str | None = None
 
 
+class MlflowErrorResponse(msgspec.Struct):
+    """MLflow's error body, answered by its scoring protocol (``/invocations``): ``error_code`` is MLflow's
+    name for the status (``BAD_REQUEST``, ``INVALID_PARAMETER_VALUE``...); the field at fault ends ``message``."""
+
+    error_code: str
+    message: str
+
+
 class ImageInput(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     """``[image]`` in ``model.toml``: the model classifies images, decoded and transformed in the worker.
 

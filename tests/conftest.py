@@ -7,6 +7,7 @@ A failing test gets the logs of the servers it used attached to its report.
 
 from __future__ import annotations
 
+import shutil
 from collections.abc import AsyncIterator, Callable, Generator, Iterator
 from pathlib import Path
 from typing import Any
@@ -18,7 +19,7 @@ from sklearn.datasets import load_iris
 
 from mlserve.demo_models import IRIS, train_iris
 from redisproc import RedisProc, redis_server
-from serverproc import IRIS_VERSIONS, ServerProc, WaitFor, serve
+from serverproc import IRIS_VERSIONS, ServerProc, WaitFor, serve, watched
 
 CLIENT_TIMEOUT_S = 60.0
 """Generous, but below pytest's own timeout, so a hung request fails as a hung request."""
@@ -31,6 +32,17 @@ def demo_models_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The demo repository, trained once: iris_classifier v1 (logistic regression), v2 (forest)."""
     models = tmp_path_factory.mktemp("demo") / "models"
     train_iris(models)
+    return models
+
+
+@pytest.fixture(scope="session")
+def demo_and_digits_dir(demo_models_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The demo iris versions (so ``offline`` holds their predictions) and the digits CNN, trained once."""
+    from mlserve.demo_models import train_digits
+
+    models = tmp_path_factory.mktemp("demo-and-digits") / "models"
+    shutil.copytree(demo_models_dir, models)
+    train_digits(models)
     return models
 
 
@@ -58,10 +70,8 @@ def iris_server(demo_models_dir: Path, tmp_path_factory: pytest.TempPathFactory)
 @pytest.fixture
 def iris(iris_server: ServerProc) -> Iterator[ServerProc]:
     """The shared demo server; a traceback it logs during a test fails that test."""
-    since = iris_server.log_size()
-    yield iris_server
-    assert iris_server.running(), f"the shared server died:\n{iris_server.log()}"
-    iris_server.check_log(since)
+    with watched(iris_server) as server:
+        yield server
 
 
 @pytest.fixture

@@ -292,6 +292,16 @@ class ServerProc:
 
 
 @contextlib.contextmanager
+def watched(server: ServerProc) -> Iterator[ServerProc]:
+    """A server shared by several tests, for one of them: it must still run when the test ends and have
+    logged no traceback during it."""
+    since = server.log_size()
+    yield server
+    assert server.running(), f"the server died:\n{server.log()}"
+    server.check_log(since)
+
+
+@contextlib.contextmanager
 def serve(
     models_dir: Path,
     workdir: Path,

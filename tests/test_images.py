@@ -26,7 +26,7 @@ from mlserve.demo_models import IMAGES, IRIS, digit_images, train_digits, train_
 from mlserve.repository import ModelSpec
 from mlserve.runtimes import torch as torch_runtime
 from mlserve.settings import WorkerOptions
-from serverproc import Reply, ServerProc, assert_error, assert_ok, call, scrape, serve
+from serverproc import Reply, ServerProc, assert_error, assert_ok, call, scrape, serve, watched
 
 MAX_IMAGE_BYTES = 200_000
 MAX_IMAGE_PIXELS = 1_000_000
@@ -55,10 +55,8 @@ def image_server(image_models_dir: Path, tmp_path_factory: pytest.TempPathFactor
 
 @pytest.fixture
 def images(image_server: ServerProc) -> Iterator[ServerProc]:
-    since = image_server.log_size()
-    yield image_server
-    assert image_server.running(), f"the image server died:\n{image_server.log()}"
-    image_server.check_log(since)
+    with watched(image_server) as server:
+        yield server
 
 
 def encode(image: Image.Image, fmt: str, **options: Any) -> bytes:

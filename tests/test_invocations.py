@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import importlib.metadata
 import json
-import shutil
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -24,7 +23,7 @@ from mlflow.pyfunc.scoring_server.client import ScoringServerClient
 
 from mlserve.api.errors import error_text, json_error, mlflow_error
 from mlserve.api.invocations import Table, arranged, parse_json
-from mlserve.demo_models import IMAGES, IRIS, train_digits
+from mlserve.demo_models import IMAGES, IRIS
 from mlserve.errors import ValidationFailed
 from serverproc import IRIS_VERSIONS, Reply, ServerProc, call, predict_batch, scrape, serve
 
@@ -34,12 +33,9 @@ MAX_BATCH_ROWS = 64
 
 
 @pytest.fixture(scope="module")
-def models_dir(demo_models_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+def models_dir(demo_and_digits_dir: Path) -> Path:
     """The demo iris versions (so ``offline`` holds their predictions) and the digits CNN."""
-    models = tmp_path_factory.mktemp("invocations") / "models"
-    shutil.copytree(demo_models_dir, models)
-    train_digits(models)
-    return models
+    return demo_and_digits_dir
 
 
 @pytest.fixture(scope="module")

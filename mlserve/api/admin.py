@@ -19,6 +19,8 @@ from aiohttp import web
 from mlserve.api.errors import guard
 from mlserve.api.http import respond
 from mlserve.api.keys import CONTROL, SETTINGS
+from mlserve.api.routedoc import RouteDoc
+from mlserve.control import Activation, RescanReport, VersionState
 from mlserve.errors import Forbidden, Unauthorized
 from mlserve.settings import Settings
 
@@ -79,8 +81,24 @@ async def rescan(request: web.Request) -> web.Response:
     return respond(await finish(request.app[CONTROL].rescan()))
 
 
+VERSION = "/models/{name}/versions/{version}"
+LOAD_ERRORS = (404, 422, 503)
+"""Unknown model or version, the version failed to load, a worker or the state store is unavailable."""
+DOCS: tuple[RouteDoc, ...] = (
+    RouteDoc("POST", f"{VERSION}/activate", "Load and warm the version if needed, then make it the active one",
+             response=Activation, errors=LOAD_ERRORS, admin=True, tag="admin"),
+    RouteDoc("POST", f"{VERSION}/load", "Load and warm the version on every worker", response=VersionState,
+             errors=LOAD_ERRORS, admin=True, tag="admin"),
+    RouteDoc("POST", f"{VERSION}/unload", "Drain the version, then free it on every worker (409 for the active "
+             "version, or one an experiment uses)", response=VersionState, errors=(404, 409, 503), admin=True,
+             tag="admin"),
+    RouteDoc("POST", "/models/rescan", "Pick up versions new in the repository, forget removed ones",
+             response=RescanReport, errors=(503,), admin=True, tag="admin"),
+)
+
+
 def add_routes(app: web.Application) -> None:
-    version = "/models/{name}/versions/{version}"
+    version = VERSION
     app.router.add_post(f"{version}/activate", admin(activate), name="activate")
     app.router.add_post(f"{version}/load", admin(load), name="load")
     app.router.add_post(f"{version}/unload", admin(unload), name="unload")

@@ -26,7 +26,7 @@ from aiohttp import web
 from mlserve import errors
 from mlserve.api.keys import METRICS, SERVED
 from mlserve.metrics import RequestRecorder
-from mlserve.schemas import ErrorResponse, encoder
+from mlserve.schemas import ErrorResponse, MlflowErrorResponse, encoder
 
 log = logging.getLogger(__name__)
 
@@ -98,10 +98,10 @@ def mlflow_error(
     status: int, message: str, path: str | None = None, headers: dict[str, str] | None = None
 ) -> web.Response:
     """MLflow's error shape; the field at fault, where there is one, ends the message."""
-    body = {
-        "error_code": MLFLOW_CODES.get(status, "INTERNAL_ERROR" if status >= 500 else "BAD_REQUEST"),
-        "message": message if path is None else f"{message} (at {path})",
-    }
+    body = MlflowErrorResponse(
+        error_code=MLFLOW_CODES.get(status, "INTERNAL_ERROR" if status >= 500 else "BAD_REQUEST"),
+        message=message if path is None else f"{message} (at {path})",
+    )
     return web.Response(status=status, body=encoder.encode(body), content_type="application/json", headers=headers)
 
 

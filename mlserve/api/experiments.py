@@ -14,6 +14,7 @@ from mlserve.api.admin import admin, finish
 from mlserve.api.errors import guard
 from mlserve.api.http import decode, respond
 from mlserve.api.keys import CONTROL, REGISTRY, SERVICE
+from mlserve.api.routedoc import RouteDoc
 from mlserve.errors import ModelNotFound
 from mlserve.experiments import Experiment
 from mlserve.schemas import ExperimentView
@@ -55,8 +56,20 @@ async def end_experiment(request: web.Request) -> web.Response:
     return _view(request, model, await finish(request.app[CONTROL].end_experiment(model)))
 
 
+PATH = "/models/{name}/experiment"
+DOCS: tuple[RouteDoc, ...] = (
+    RouteDoc("PUT", PATH, "Start or replace the model's traffic experiment", Experiment, response=ExperimentView,
+             errors=(400, 404, 422, 503), admin=True, tag="experiments",
+             example={"variants": {"v1": 0.8, "v2": 0.2}, "salt": "spring-test"}),
+    RouteDoc("GET", PATH, "The running experiment and this replica's counts", response=ExperimentView,
+             errors=(404,), tag="experiments"),
+    RouteDoc("DELETE", PATH, "End the experiment: calls go to the active version again", response=ExperimentView,
+             errors=(404, 503), admin=True, tag="experiments"),
+)
+
+
 def add_routes(app: web.Application) -> None:
-    path = "/models/{name}/experiment"
+    path = PATH
     app.router.add_put(path, admin(set_experiment), name="set_experiment")
     app.router.add_get(path, guard(show_experiment), name="experiment")
     app.router.add_delete(path, admin(end_experiment), name="end_experiment")

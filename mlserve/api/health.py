@@ -7,6 +7,7 @@ from aiohttp import web
 from mlserve.api.errors import guard
 from mlserve.api.http import respond
 from mlserve.api.keys import CONTROL, REGISTRY
+from mlserve.api.routedoc import RouteDoc
 from mlserve.schemas import HealthResponse
 
 
@@ -22,6 +23,13 @@ async def ready(request: web.Request) -> web.Response:
     response = respond(HealthResponse(status=status, models=states))
     response.set_status(503)
     return response
+
+
+DOCS: tuple[RouteDoc, ...] = (
+    RouteDoc("GET", "/health/live", "200 while the process is up", response=HealthResponse, tag="health"),
+    RouteDoc("GET", "/health/ready", "200 once start-up loading is done and every active version serves, 503 before",
+             response=HealthResponse, also=(503,), tag="health"),
+)
 
 
 def add_routes(app: web.Application) -> None:

@@ -36,9 +36,13 @@ from aiohttp import hdrs, web
 from mlserve.api.errors import guard, mlflow_error, validation_path
 from mlserve.api.http import JSON, timeout
 from mlserve.api.keys import CONTROL, RESULT, SETTINGS
-from mlserve.api.predict import add_prediction_route, answered, checked_rows, computed, counted, routed
+from mlserve.api.predict import (
+    PREDICTION_ERRORS, ROW_EXAMPLE, add_prediction_route, answered, checked_rows, computed, counted, routed,
+)
+from mlserve.api.routedoc import RouteDoc
 from mlserve.errors import BadRequest, PayloadTooLarge, UnsupportedMediaType, ValidationFailed
 from mlserve.metrics import RequestRecorder
+from mlserve.schemas import MlflowErrorResponse
 from mlserve.service import Call
 
 ENDPOINT = "invocations"
@@ -83,6 +87,34 @@ class Common(msgspec.Struct, forbid_unknown_fields=True, gc=False):
     instances: list[list[float]] | None = None
     inputs: list[list[float]] | None = None
     params: dict[str, Any] | None = None
+
+
+Value = float | bool
+"""A feature value as MLflow reads it: booleans count as 1 and 0."""
+
+
+class SplitFrame(msgspec.Struct, forbid_unknown_fields=True):
+    """A ``dataframe_split`` as the documented schema states it; ``index`` is read and dropped."""
+
+    data: list[list[Value]]
+    columns: list[str | int] | None = None
+    """Column names; pandas' default names are numbers, which count only by position."""
+    index: list[Any] | None = None
+
+
+class InvocationsRequest(msgspec.Struct, forbid_unknown_fields=True):
+    """MLflow's JSON input: exactly one of ``dataframe_split``, ``dataframe_records``, ``instances`` and
+    ``inputs`` (rows, records, or for ``inputs`` an object of columns), and optionally ``params``.
+
+    The body is read by ``parse_json``, which names the place of each fault; this type is only its
+    schema, for ``/openapi.json``, and says no more than ``parse_json`` accepts."""
+
+    dataframe_split: SplitFrame | None = None
+    dataframe_records: list[dict[str, Value]] | None = None
+    instances: list[list[Value] | dict[str, Value]] | None = None
+    inputs: list[list[Value] | dict[str, Value]] | dict[str, list[Value]] | None = None
+    params: dict[str, Any] | None = None
+    """Accepted as MLflow accepts it, and not passed to the model."""
 
 
 _common = msgspec.json.Decoder(Common)
@@ -216,14 +248,35 @@ async def ping(request: web.Request) -> web.Response:
     return web.Response(text="\n", content_type="text/plain", status=200 if request.app[CONTROL].ready else 503)
 
 
+def _mlflow_version() -> str | None:
+    """The installed MLflow's version, read from its metadata: importing mlflow takes seconds."""
+    try:
+        return importlib.metadata.version("mlflow")
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+MLFLOW_VERSION = _mlflow_version()
+DOCS: tuple[RouteDoc, ...] = (
+    RouteDoc("POST", "/invocations", "MLflow's scoring protocol: JSON (dataframe_split, dataframe_records, instances, "
+             "inputs) or CSV in, {\"predictions\": [...]} out", InvocationsRequest, request_types=(CSV,),
+             response=Predictions, errors=(*PREDICTION_ERRORS, 415), error=MlflowErrorResponse, tag="mlflow",
+             query=QUERY, example={"dataframe_split": {"data": [ROW_EXAMPLE]}}),
+    RouteDoc("GET", "/ping", "MLflow's health check: 200 once every model serves, 503 before", also=(503,),
+             response_type="text/plain", tag="mlflow"),
+    RouteDoc("GET", "/health", "The same as /ping", also=(503,), response_type="text/plain", tag="mlflow"),
+    *([RouteDoc("GET", "/version", "The installed MLflow's version", response_type="text/plain", tag="mlflow")]
+      if MLFLOW_VERSION is not None else []),
+)
+
+
 def add_routes(app: web.Application) -> None:
     """``/invocations``, ``/ping``, ``/health`` and, when MLflow is installed, ``/version``."""
     add_prediction_route(app, "/invocations", invocations, mlflow_error)
     app.router.add_get("/ping", guard(ping, mlflow_error), name="ping")
     app.router.add_get("/health", guard(ping, mlflow_error), name="health")
-    try:
-        mlflow_version = importlib.metadata.version("mlflow")  # read once; importing mlflow takes seconds
-    except importlib.metadata.PackageNotFoundError:
+    mlflow_version = MLFLOW_VERSION
+    if mlflow_version is None:
         return
 
     async def version(request: web.Request) -> web.Response:

@@ -8,6 +8,7 @@ from aiohttp import web
 from mlserve.api.errors import guard
 from mlserve.api.http import respond
 from mlserve.api.keys import CONTROL, REGISTRY
+from mlserve.api.routedoc import RouteDoc
 from mlserve.errors import ModelNotFound
 from mlserve.registry import Registry
 from mlserve.schemas import CacheInfo, ModelInfo, ModelsResponse, ModelVersionInfo, SourceStatus
@@ -59,6 +60,13 @@ async def list_versions(request: web.Request) -> web.Response:
     if name not in registry.models() and name not in sources:
         raise ModelNotFound(f"unknown model {name!r}")
     return respond(describe(registry, name, sources.get(name)))
+
+
+DOCS: tuple[RouteDoc, ...] = (
+    RouteDoc("GET", "/models", "Every model, its versions with their metadata and state, and the active version",
+             response=ModelsResponse, tag="models"),
+    RouteDoc("GET", "/models/{name}/versions", "One model's versions", response=ModelInfo, errors=(404,), tag="models"),
+)
 
 
 def add_routes(app: web.Application) -> None:

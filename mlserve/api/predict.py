@@ -19,7 +19,8 @@ from mlserve.api.errors import ErrorEncoder, MeteredHandler, json_error, metered
 from mlserve.api.http import VARIANT_HEADER, decode, mark_cached, respond, timeout, user_key, wants_fresh
 from mlserve.api.logged import logged
 from mlserve.api.keys import CALL, PREDICTION_LOG, RESULT, SERVED, SERVICE, SETTINGS
-from mlserve.api.uploads import read_image
+from mlserve.api.routedoc import RouteDoc
+from mlserve.api.uploads import CONTENT_TYPES, FORM, read_image
 from mlserve.batcher import BatchResult
 from mlserve.errors import MlserveError, PayloadTooLarge, ValidationFailed
 from mlserve.metrics import RequestRecorder
@@ -28,6 +29,8 @@ from mlserve.service import Call
 
 IMAGE_QUERY = {"model", "model_version", "user_id"}
 FEW_ROWS = 8
+FLOAT32_MAX = float(np.finfo(np.float32).max)
+"""The largest feature value taken: some runtimes compute in float32."""
 
 
 def label(served: ServedVersion, value: Any) -> str | None:
@@ -39,12 +42,15 @@ def label(served: ServedVersion, value: Any) -> str | None:
 
 
 def checked_rows(samples: list[list[float]], served: ServedVersion, path: str, single: bool) -> None:
-    """Refuse wrong widths and non-finite values, with the JSON path of the first fault.
+    """Refuse wrong widths and values that are not finite or beyond float32's range, with the JSON
+    path of the first fault.
 
-    JSON has no NaN or infinity literals, but a number like ``1e999`` overflows to infinity. A few rows
-    are checked in Python (cheaper than numpy for a handful of floats); a larger batch, or one with a
-    fault to locate, with numpy. The rows go on as lists: the batch array is built once a batch, not
-    once a request.
+    JSON has no NaN or infinity literals, but a number like ``1e999`` overflows to infinity, and CSV
+    has ``nan``. A finite value beyond float32's range fails the models that compute in float32
+    (scikit-learn's trees, torch), and with it every request batched with it, so it is refused here,
+    before it is queued. A few rows are checked in Python (cheaper than numpy for a handful of floats);
+    a larger batch, or one with a fault to locate, with numpy. The rows go on as lists: the batch
+    array is built once a batch, not once a request.
     """
     if served.takes_images:
         raise ValidationFailed(f"{served.spec.key} takes images: POST them to /predict/image", "$.model")
@@ -53,18 +59,29 @@ def checked_rows(samples: list[list[float]], served: ServedVersion, path: str, s
         if len(row) != width:
             where = path if single else f"{path}[{index}]"
             raise ValidationFailed(f"expected {width} features, got {len(row)}", where)
+    # ``not width``: max() of an empty row raises. Inline for one row: a call, or max()'s default=,
+    # would double the cost of this check.
     if single:
-        finite = all(map(math.isfinite, samples[0]))
+        row = samples[0]
+        fits = not width or (all(map(math.isfinite, row)) and max(row) <= FLOAT32_MAX and min(row) >= -FLOAT32_MAX)
     else:  # a few rows are checked faster in Python than by building an array
-        finite = len(samples) <= FEW_ROWS and all(all(map(math.isfinite, row)) for row in samples)
-    if not finite:
-        faults = np.argwhere(~np.isfinite(np.array(samples, dtype=np.float64)))
+        fits = len(samples) <= FEW_ROWS and (not width or all(map(_fits, samples)))
+    if not fits:
+        faults = np.argwhere(~(np.abs(np.array(samples, dtype=np.float64)) <= FLOAT32_MAX))
         if len(faults):
             index, column = faults[0]
             where = f"{path}[{column}]" if single else f"{path}[{index}][{column}]"
-            raise ValidationFailed("features must be finite numbers (no NaN or infinity)", where)
+            raise ValidationFailed(
+                f"features must be finite numbers within float32's range (±{FLOAT32_MAX:.7g}); no NaN or infinity",
+                where,
+            )
     if served.integral:
         _check_integral(samples, served, path, single)
+
+
+def _fits(row: list[float]) -> bool:
+    """Finite, and within float32's range: three passes in C, cheaper than one in Python."""
+    return all(map(math.isfinite, row)) and max(row) <= FLOAT32_MAX and min(row) >= -FLOAT32_MAX
 
 
 def _check_integral(samples: list[list[float]], served: ServedVersion, path: str, single: bool) -> None:
@@ -203,6 +220,26 @@ def add_prediction_route(
     name = handler.__name__
     wrapped = metered(handler, name, encode) if log is None else logged(handler, name, log, encode)
     app.router.add_post(path, wrapped, name=name)
+
+
+PREDICTION_ERRORS = (400, 404, 413, 422, 500, 503, 504)
+"""Bad JSON or timeout header, unknown model or version, too large, invalid, the model raised, not
+ready or overloaded, past the deadline."""
+ROW_EXAMPLE = [5.1, 3.5, 1.4, 0.2]
+DOCS: tuple[RouteDoc, ...] = (
+    RouteDoc("POST", "/predict", "Predict one row of features", schemas.PredictRequest,
+             response=schemas.PredictResponse, errors=PREDICTION_ERRORS, tag="predict", query=("user_id",),
+             example={"features": ROW_EXAMPLE}),
+    RouteDoc("POST", "/predict/ab", "The seed's A/B route: /predict, whose answer always names its version",
+             schemas.PredictRequest, response=schemas.PredictResponse, errors=PREDICTION_ERRORS, tag="predict",
+             query=("user_id",), example={"features": ROW_EXAMPLE}),
+    RouteDoc("POST", "/predict/batch", "Predict many rows of features", schemas.BatchPredictRequest,
+             response=schemas.BatchPredictResponse, errors=PREDICTION_ERRORS, tag="predict", query=("user_id",),
+             example={"samples": [ROW_EXAMPLE, [6.7, 3.0, 5.2, 2.3]]}),
+    RouteDoc("POST", "/predict/image", "Classify one image: the multipart form field `file`, or the raw body",
+             request_types=(FORM, *CONTENT_TYPES), response=schemas.ImageResponse,
+             errors=(*PREDICTION_ERRORS, 415), tag="predict", query=tuple(sorted(IMAGE_QUERY))),
+)
 
 
 def add_routes(app: web.Application) -> None:
