@@ -53,7 +53,7 @@ from mlserve.metrics import Metrics
 from mlserve.pool import WorkerPool
 from mlserve.registry import Registry, ServedVersion
 from mlserve.repository import ModelSpec
-from mlserve.settings import Secret, Settings
+from mlserve.settings import Settings
 from mlserve.sources.mlflow import MlflowSource
 from mlserve.state import SharedState, StateStore
 
@@ -118,7 +118,7 @@ class ControlPlane:
         """Each model's shared experiment that this replica could not run, so it is not retried at every poll."""
         self.activations: collections.Counter[str] = collections.Counter()
         self.sources = {
-            model: MlflowSource(model, uri, _revealed(settings.mlflow_tracking_uri), settings.mlflow_cache)
+            model: MlflowSource(model, uri, settings.tracking_uri, settings.mlflow_cache)
             for model, uri in settings.sources.items()
         }
         """The models served from MLflow, by name."""
@@ -708,10 +708,6 @@ class ControlPlane:
             metrics.source_checks.set({"model": model, "result": result}, count)
         metrics.workers_live.set({}, self._pool.live_workers)
         metrics.worker_restarts.set({}, self._pool.restart_count)
-
-
-def _revealed(secret: Secret | None) -> str | None:
-    return secret.reveal() if secret is not None else None
 
 
 def _version_key(spec: ModelSpec) -> tuple[str, tuple[tuple[int, int | str], ...]]:

@@ -19,9 +19,8 @@ from mlserve.errors import ModelNotFound, ModelNotReady
 from mlserve.experiments import Experiment
 from mlserve.metrics import Metrics
 from mlserve.repository import ModelSpec, version_order
+from mlserve.schemas import WHOLE_COLUMN_TYPES
 from mlserve.settings import BatchingSettings
-
-INTEGRAL_TYPES = frozenset({"long", "integer", "boolean"})
 
 State = Literal["unloaded", "loading", "ready", "draining", "failed"]
 PREDICTION_ENDPOINTS = ("predict", "predict_ab", "predict_batch", "predict_image", "invocations", "v2_infer")
@@ -79,7 +78,7 @@ class ServedVersion:
         self.columns = tuple(column.name for column in signature)
         """The names of a row's features in order, when the model's signature names them (MLflow)."""
         self.integral = tuple(
-            (index, column.name, column.type) for index, column in enumerate(signature) if column.type in INTEGRAL_TYPES
+            (index, column.name, column.type) for index, column in enumerate(signature) if column.type in WHOLE_COLUMN_TYPES
         )
         """The features whose declared type takes whole numbers only (and 0 or 1 for a boolean)."""
         self.labels = tuple(spec.metadata.class_labels)

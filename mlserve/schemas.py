@@ -112,6 +112,13 @@ class ModelMetadata(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     image: ImageInput | None = None
 
 
+COLUMN_DTYPES = {"double": "float64", "float": "float32", "long": "int64", "integer": "int32", "boolean": "bool"}
+"""The MLflow signature column types a feature row can carry, and the numpy dtype of each; a model
+with other types is refused at load."""
+WHOLE_COLUMN_TYPES = frozenset({"long", "integer", "boolean"})
+"""Those that take whole numbers only (0 or 1 for ``boolean``)."""
+
+
 class Column(msgspec.Struct, frozen=True):
     """One named input of an MLflow signature: a feature's name and its type (``double``, ``long``...)."""
 

@@ -76,7 +76,7 @@ class ModelService:
                 call.variant = served.spec.version
             call.shadow = arms.experiment.shadow
         if served.state != "ready":
-            raise _not_ready(served)
+            raise not_ready(served)
         return served
 
     def assigned(self, model: str, experiment: Experiment) -> dict[str, int]:
@@ -91,7 +91,7 @@ class ModelService:
         """
         batcher = served.batcher
         if batcher is None:  # unloaded since it was routed
-            raise _not_ready(served)
+            raise not_ready(served)
         view = served.cache
         answer: Awaitable[BatchResult]
         if view is None:
@@ -103,7 +103,8 @@ class ModelService:
         return self.shadow.follow(served, call.shadow, call.rows, call.timeout_s, answer)
 
 
-def _not_ready(served: ServedVersion) -> ModelNotReady:
+def not_ready(served: ServedVersion) -> ModelNotReady:
+    """Why ``served`` takes no calls, and whether retrying soon can help (only while it loads)."""
     detail = f": {served.error}" if served.error else ""
     if served.state == "unloaded":
         detail = "; load or activate it through the admin API"

@@ -241,6 +241,11 @@ class Settings(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
         return os.path.join(base, "mlserve", "mlflow")
 
     @property
+    def tracking_uri(self) -> str | None:
+        """``mlflow_tracking_uri`` revealed, for MLflow's client; None: MLflow's own default."""
+        return self.mlflow_tracking_uri.reveal() if self.mlflow_tracking_uri is not None else None
+
+    @property
     def sources(self) -> dict[str, str]:
         """Each model served from MLflow, and its source URI."""
         return {name: model.source for name, model in self.models.items() if model.source}

@@ -36,7 +36,7 @@ ALLOWED: dict[str, set[str]] = {
     "pool": {"errors", "ipc", "repository", "settings", "worker"},
     "batcher": {"errors"},
     "cache": {"batcher", "errors", "settings"},
-    "registry": {"batcher", "cache", "errors", "experiments", "metrics", "repository", "settings"},
+    "registry": {"batcher", "cache", "errors", "experiments", "metrics", "repository", "schemas", "settings"},
     "routing": {"errors", "experiments", "registry"},
     "state": {"errors", "experiments", "settings"},
     "control": {

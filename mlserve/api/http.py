@@ -44,6 +44,17 @@ def mark_cached(response: web.Response, result: BatchResult) -> web.Response:
     return response
 
 
+JSON_KINDS: dict[type, str] = {
+    str: "a string", type(None): "null", bool: "a boolean", int: "a number", float: "a number",
+    list: "an array", dict: "an object",
+}
+
+
+def json_kind(value: Any) -> str:
+    """What a decoded JSON value is, as an error message names it: ``a string``, ``null``..."""
+    return JSON_KINDS.get(type(value), type(value).__name__)
+
+
 def user_key(request: web.Request, from_body: str | None = None) -> str | None:
     """Who is calling, for a sticky experiment arm: ``X-User-ID``, else ``?user_id=``, else the body's."""
     key = request.headers.get(USER_HEADER) or request.query.get("user_id") or from_body

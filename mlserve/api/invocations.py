@@ -34,7 +34,7 @@ import msgspec
 from aiohttp import hdrs, web
 
 from mlserve.api.errors import guard, mlflow_error, validation_path
-from mlserve.api.http import JSON, timeout
+from mlserve.api.http import JSON, json_kind, timeout
 from mlserve.api.keys import CONTROL, RESULT, SETTINGS
 from mlserve.api.predict import (
     PREDICTION_ERRORS, ROW_EXAMPLE, add_prediction_route, answered, checked_rows, computed, counted, routed,
@@ -51,10 +51,6 @@ FORMATS = ("dataframe_split", "dataframe_records", "instances", "inputs")
 PARAMS = "params"
 QUERY = ("model", "version", "user_id")
 REQUIRED = f"the body must be a JSON object with exactly one of the input fields {', '.join(FORMATS)}"
-KINDS: dict[type, str] = {
-    str: "a string", type(None): "null", bool: "a boolean", int: "a number", float: "a number",
-    list: "an array", dict: "an object",
-}
 OUT_OF_RANGE = "Number out of range"
 NUMBERS = (int, float, bool)
 """What a feature may be, as scikit-learn takes it: booleans count as 1 and 0."""
@@ -295,7 +291,7 @@ def _split_table(raw: msgspec.Raw, path: str) -> Table:
     else:
         value = _walk(raw, path)
         if type(value) is not dict:
-            raise ValidationFailed(f"expected an object with data, columns and index, got {_kind(value)}", path)
+            raise ValidationFailed(f"expected an object with data, columns and index, got {json_kind(value)}", path)
         extra = [key for key in value if key not in ("data", "columns", "index")]
         if extra or "data" not in value:
             what = f"unknown field {extra[0]!r}" if extra else "no data"
@@ -305,7 +301,7 @@ def _split_table(raw: msgspec.Raw, path: str) -> Table:
         if names is not None:
             names = _names(names, f"{path}.columns")
         if index is not None and type(index) is not list:
-            raise ValidationFailed(f"expected an array, got {_kind(index)}", f"{path}.index")
+            raise ValidationFailed(f"expected an array, got {json_kind(index)}", f"{path}.index")
     return _split_checked(rows, names, index, path)
 
 
@@ -326,7 +322,7 @@ def _records_table(raw: msgspec.Raw, path: str) -> Table:
     if records is None:
         value = _walk(raw, path)
         if type(value) is not list:
-            raise ValidationFailed(f"expected an array of records, got {_kind(value)}", path)
+            raise ValidationFailed(f"expected an array of records, got {json_kind(value)}", path)
         records = [_record(item, f"{path}[{number}]") for number, item in enumerate(value)]
     return _from_records(records, path)
 
@@ -339,7 +335,7 @@ def _tensor_table(raw: msgspec.Raw, path: str) -> Table:
         if type(value) is dict:
             value = {name: _row(column, f"{path}.{name}") for name, column in value.items()}
         elif type(value) is not list:
-            raise ValidationFailed(f"expected an array of rows or an object of columns, got {_kind(value)}", path)
+            raise ValidationFailed(f"expected an array of rows or an object of columns, got {json_kind(value)}", path)
         elif value and type(value[0]) is dict:
             return _from_records([_record(item, f"{path}[{number}]") for number, item in enumerate(value)], path)
         else:
@@ -402,25 +398,25 @@ def _out_of_range(exc: msgspec.ValidationError, path: str) -> ValidationFailed:
 
 def _rows(value: Any, path: str) -> list[list[float]]:
     if type(value) is not list:
-        raise ValidationFailed(f"expected an array of rows, got {_kind(value)}", path)
+        raise ValidationFailed(f"expected an array of rows, got {json_kind(value)}", path)
     return [_row(row, f"{path}[{number}]") for number, row in enumerate(value)]
 
 
 def _row(value: Any, path: str) -> list[float]:
     if type(value) is not list:
-        raise ValidationFailed(f"expected a row (an array of numbers), got {_kind(value)}", path)
+        raise ValidationFailed(f"expected a row (an array of numbers), got {json_kind(value)}", path)
     return [_number(item, f"{path}[{column}]") for column, item in enumerate(value)]
 
 
 def _record(value: Any, path: str) -> dict[str, float]:
     if type(value) is not dict:
-        raise ValidationFailed(f"expected a record (an object of numbers), got {_kind(value)}", path)
+        raise ValidationFailed(f"expected a record (an object of numbers), got {json_kind(value)}", path)
     return {name: _number(item, f"{path}.{name}") for name, item in value.items()}
 
 
 def _number(value: Any, path: str) -> float:
     if type(value) not in NUMBERS:
-        raise ValidationFailed(f"expected a number, got {_kind(value)}", path)
+        raise ValidationFailed(f"expected a number, got {json_kind(value)}", path)
     try:
         return float(value)
     except OverflowError:
@@ -430,10 +426,10 @@ def _number(value: Any, path: str) -> float:
 def _names(value: Any, path: str) -> list[str]:
     """Column names; pandas' default names are numbers, which count only by position."""
     if type(value) is not list:
-        raise ValidationFailed(f"expected an array of column names, got {_kind(value)}", path)
+        raise ValidationFailed(f"expected an array of column names, got {json_kind(value)}", path)
     for number, name in enumerate(value):
         if type(name) not in (str, int):
-            raise ValidationFailed(f"expected a column name, got {_kind(name)}", f"{path}[{number}]")
+            raise ValidationFailed(f"expected a column name, got {json_kind(name)}", f"{path}[{number}]")
     return [str(name) for name in value]
 
 
@@ -443,7 +439,3 @@ def _is_float(cell: str) -> bool:
     except ValueError:
         return False
     return True
-
-
-def _kind(value: Any) -> str:
-    return KINDS.get(type(value), type(value).__name__)

@@ -15,7 +15,7 @@ import numpy as np
 from aiohttp import web
 
 from mlserve import schemas
-from mlserve.api.errors import ErrorEncoder, MeteredHandler, json_error, metered
+from mlserve.api.errors import ErrorEncoder, Handler, MeteredHandler, json_error, metered
 from mlserve.api.http import VARIANT_HEADER, decode, mark_cached, respond, timeout, user_key, wants_fresh
 from mlserve.api.logged import logged
 from mlserve.api.keys import CALL, PREDICTION_LOG, RESULT, SERVED, SERVICE, SETTINGS
@@ -59,14 +59,9 @@ def checked_rows(samples: list[list[float]], served: ServedVersion, path: str, s
         if len(row) != width:
             where = path if single else f"{path}[{index}]"
             raise ValidationFailed(f"expected {width} features, got {len(row)}", where)
-    # ``not width``: max() of an empty row raises. Inline for one row: a call, or max()'s default=,
-    # would double the cost of this check.
-    if single:
-        row = samples[0]
-        fits = not width or (all(map(math.isfinite, row)) and max(row) <= FLOAT32_MAX and min(row) >= -FLOAT32_MAX)
-    else:  # a few rows are checked faster in Python than by building an array
-        fits = len(samples) <= FEW_ROWS and (not width or all(map(_fits, samples)))
-    if not fits:
+    # A few rows are checked faster in Python than by building an array; ``not width``: max() of an
+    # empty row raises.
+    if not (len(samples) <= FEW_ROWS and (not width or all(map(_fits, samples)))):
         faults = np.argwhere(~(np.abs(np.array(samples, dtype=np.float64)) <= FLOAT32_MAX))
         if len(faults):
             index, column = faults[0]
@@ -214,12 +209,14 @@ async def predict_image(request: web.Request) -> tuple[web.Response, RequestReco
 
 def add_prediction_route(
     app: web.Application, path: str, handler: MeteredHandler, encode: ErrorEncoder = json_error
-) -> None:
-    """``POST path`` to ``handler``, metered under its name; with the prediction log on, logged too."""
+) -> Handler:
+    """``POST path`` to ``handler``, metered under its name; with the prediction log on, logged too.
+    Returns the wrapped handler, for a protocol that serves it on a second path."""
     log = app.get(PREDICTION_LOG)
     name = handler.__name__
     wrapped = metered(handler, name, encode) if log is None else logged(handler, name, log, encode)
     app.router.add_post(path, wrapped, name=name)
+    return wrapped
 
 
 PREDICTION_ERRORS = (400, 404, 413, 422, 500, 503, 504)

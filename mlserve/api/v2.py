@@ -41,7 +41,7 @@ from aiohttp import web
 
 from mlserve.api.admin import admin, finish
 from mlserve.api.errors import guard
-from mlserve.api.http import decode, respond, timeout
+from mlserve.api.http import decode, json_kind, respond, timeout
 from mlserve.api.keys import CONTROL, REGISTRY, RESULT, SETTINGS
 from mlserve.api.predict import add_prediction_route, answered, checked_rows, computed, counted, routed
 from mlserve.api.routedoc import RouteDoc
@@ -49,7 +49,7 @@ from mlserve.control import VersionState
 from mlserve.errors import BadRequest, MlserveError, ModelNotReady, PayloadTooLarge, ValidationFailed
 from mlserve.metrics import RequestRecorder
 from mlserve.registry import Registry, ServedVersion
-from mlserve.service import Call
+from mlserve.service import Call, not_ready
 from mlserve.settings import Settings
 
 ENDPOINT = "v2_infer"
@@ -298,7 +298,7 @@ def _from_json(data: Any, typed: bool, datatype: str, count: int, where: str) ->
 def _flat(data: Any, where: str) -> list[Any]:
     """Nested arrays flattened in row-major order (without recursion: the nesting is the client's)."""
     if type(data) is not list:
-        raise ValidationFailed(f"expected an array, got {_kind(data)}", where)
+        raise ValidationFailed(f"expected an array, got {json_kind(data)}", where)
     if not any(type(item) is list for item in data):
         return data
     flat: list[Any] = []
@@ -325,7 +325,7 @@ def _elements(values: list[Any], datatype: str, where: str) -> list[Any]:
     for index, value in enumerate(values):
         if type(value) not in wanted:
             what = "a string" if datatype == "BYTES" else "true or false" if datatype == "BOOL" else "a number"
-            raise ValidationFailed(f"{datatype} data must be {what}, got {_kind(value)}", f"{where}[{index}]")
+            raise ValidationFailed(f"{datatype} data must be {what}, got {json_kind(value)}", f"{where}[{index}]")
     if datatype == "BYTES":
         return [value.encode() for value in values]
     try:
@@ -372,13 +372,6 @@ def _byte_elements(data: memoryview, count: int, name: str) -> list[bytes]:
         found = f"more than {count}" if len(elements) > count else str(len(elements))
         raise BadRequest(f"input {name!r}: the shape holds {count} elements, the binary data {found}")
     return elements
-
-
-def _kind(value: Any) -> str:
-    if value is None:
-        return "null"
-    return {bool: "a boolean", int: "a number", float: "a number", str: "a string", list: "an array",
-            dict: "an object"}.get(type(value), type(value).__name__)
 
 
 # -- fitting a request to the model --------------------------------------------------------------------------
@@ -635,8 +628,7 @@ async def model_metadata(request: web.Request) -> web.Response:
 async def model_ready(request: web.Request) -> web.Response:
     served = _version_of(request)
     if served.state != "ready":
-        why = f": {served.error}" if served.error else ""
-        raise ModelNotReady(f"{served.spec.key} is {served.state}{why}", 1 if served.state == "loading" else None)
+        raise not_ready(served)
     return respond(ModelReadyResponse(served.spec.name, ready=True))
 
 
@@ -723,9 +715,8 @@ DOCS: tuple[RouteDoc, ...] = (
 
 def add_routes(app: web.Application) -> None:
     # The infer routes first: aiohttp tries the /v2/models/... patterns one by one in the order they were added.
-    add_prediction_route(app, f"{VERSION}/infer", v2_infer)
+    infer = add_prediction_route(app, f"{VERSION}/infer", v2_infer)
     # The same metered (or logged) handler without a version, under the same endpoint label.
-    infer = next(iter(app.router[ENDPOINT])).handler
     app.router.add_post(f"{MODEL}/infer", infer, name="v2_model_infer")
     get = app.router.add_get
     get("/v2", guard(server_metadata), name="v2_server_metadata")

@@ -15,17 +15,16 @@ import numpy as np
 
 from mlserve.repository import ModelSpec
 from mlserve.runtimes.sklearn import SklearnRuntime
-from mlserve.schemas import Column
+from mlserve.schemas import COLUMN_DTYPES, Column
 from mlserve.settings import WorkerOptions
 
-DTYPES = {"double": "float64", "float": "float32", "long": "int64", "integer": "int32", "boolean": "bool"}
 
 
 class PyfuncRuntime:
     def __init__(self, model: Any, columns: list[Column]) -> None:
         self._predict = model.predict
         self._names = [column.name for column in columns]
-        self._dtypes = {column.name: DTYPES[column.type] for column in columns}
+        self._dtypes = {column.name: COLUMN_DTYPES[column.type] for column in columns}
 
     def predict(self, batch: np.ndarray) -> np.ndarray:
         model_input: Any = batch

@@ -25,11 +25,9 @@ import msgspec
 
 from mlserve.errors import LoadFailed, RegistryUnavailable, SettingsError
 from mlserve.repository import ModelSpec, valid_name
-from mlserve.schemas import Column, MlflowInfo, ModelMetadata, SourceStatus
+from mlserve.schemas import COLUMN_DTYPES, Column, MlflowInfo, ModelMetadata, SourceStatus
 
 REGISTRY_URI = re.compile(r"^models:/(?P<name>[^/@]+)(?:@(?P<alias>[^/@]+)|/(?P<ref>[^/@]+))$")
-NUMERIC_TYPES = frozenset({"double", "float", "long", "integer", "boolean"})
-"""Signature column types a feature row can carry; a model with others is refused at load."""
 INFO_FILE = "mlserve-mlflow.json"
 SERVED_FILE = "served.json"
 LOCAL_VERSION = "1"
@@ -98,7 +96,7 @@ def _signature(mlmodel: dict[str, Any], where: str) -> tuple[list[Column], list[
         return [], list(shape[1:])
     columns = [Column(name=str(spec.get("name", index)), type=spec.get("type", "")) for index, spec in enumerate(specs)]
     for column in columns:
-        if column.type not in NUMERIC_TYPES:
+        if column.type not in COLUMN_DTYPES:
             raise LoadFailed(f"{where}: input {column.name!r} is {column.type}; mlserve serves numeric inputs only")
     return columns, [len(columns)]
 
