@@ -185,10 +185,11 @@ CATALOGUE: tuple[Scenario, ...] = (
     Scenario("v1-cache-miss-redis", "mlserve", "v1", True, cache="l1+redis", points=(64,)),
     Scenario("v1-cache-outage", "mlserve", "v1", True, cache="redis", distinct=CACHE_DISTINCT, outage=True,
              points=()),
-    # Traffic experiments, at 64 connections, against v1-on: every call assigned by user (all to v1,
-    # so the model's cost is the same), and the same with 10% of calls copied to v2 in the shadow.
+    # Traffic experiments, at 64 connections: every call assigned by user (all to v1, so the model's
+    # cost is the same) against v1-on, and the same with 10% of calls copied to v2 in the shadow
+    # against that (the copies' cost alone).
     Scenario("v1-experiment", "mlserve", "v1", True, experiment=SPLIT, points=(64,), reference="v1-on"),
-    Scenario("v1-shadow", "mlserve", "v1", True, experiment=SHADOWED, points=(64,), reference="v1-on"),
+    Scenario("v1-shadow", "mlserve", "v1", True, experiment=SHADOWED, points=(64,), reference="v1-experiment"),
     # The prediction log's cost, at 64 connections, against v1-on (log off): a line for every request.
     Scenario("v1-log", "mlserve", "v1", True, prediction_log=True, closed_only=True, points=(64,),
              reference="v1-on"),

@@ -7,6 +7,7 @@ what started. Graceful shutdown comes from aiohttp: on SIGTERM/SIGINT it stops l
 
 from __future__ import annotations
 
+import asyncio
 import gc
 import logging
 from collections.abc import AsyncIterator
@@ -15,10 +16,11 @@ from aiohttp import web
 
 from mlserve.api import admin, docs, experiments, health, invocations, models, predict, v2
 from mlserve.api.errors import add_fallback_route, guard
-from mlserve.api.keys import CACHE, CONTROL, METRICS, POOL, PREDICTION_LOG, REGISTRY, SERVICE, SETTINGS
+from mlserve.api.keys import CACHE, CONTROL, LOOP_LOAD, METRICS, POOL, PREDICTION_LOG, REGISTRY, SERVICE, SETTINGS
 from mlserve.api.routedoc import RouteDoc
 from mlserve.cache import PredictionCache
 from mlserve.control import ControlPlane
+from mlserve.loopload import LoopLoad
 from mlserve.metrics import Metrics
 from mlserve.pool import WorkerPool
 from mlserve.predictionlog import PredictionLog
@@ -75,6 +77,12 @@ GC_YOUNG_THRESHOLD = 20_000
 """Allocations between young-generation collections (Python's default is 700)."""
 
 
+async def _loop_load_ctx(app: web.Application) -> AsyncIterator[None]:
+    app[LOOP_LOAD].attach(asyncio.get_running_loop())
+    yield
+    app[LOOP_LOAD].detach()
+
+
 async def _gc_ctx(app: web.Application) -> AsyncIterator[None]:
     """Keep the garbage collector off the hot path.
 
@@ -107,7 +115,9 @@ def create_app(settings: Settings) -> web.Application:
     app[METRICS].on_scrape(app[CONTROL].refresh_gauges)
     app[CACHE] = cache = PredictionCache(settings.cache, settings.cache_redis_url, settings.redis_prefix)
     app[METRICS].on_scrape(lambda metrics: metrics.cache_breaker_open.set({}, int(cache.breaker_open)))
-    app[SERVICE] = service = ModelService(app[REGISTRY], cache, app[METRICS], settings.default_model)
+    app[LOOP_LOAD] = load = LoopLoad(settings.shadow_max_loop_busy)
+    app[METRICS].on_scrape(lambda metrics: metrics.loop_busy.set({}, load.share()))
+    app[SERVICE] = service = ModelService(app[REGISTRY], cache, app[METRICS], load, settings.default_model)
     app[METRICS].on_scrape(service.shadow.refresh_gauges)
     if settings.prediction_log.enabled:
         app[PREDICTION_LOG] = prediction_log = PredictionLog(settings.prediction_log)
@@ -119,6 +129,7 @@ def create_app(settings: Settings) -> web.Application:
     app.cleanup_ctx.append(_pool_ctx)
     app.cleanup_ctx.append(_cache_ctx)
     app.cleanup_ctx.append(_control_ctx)
+    app.cleanup_ctx.append(_loop_load_ctx)
     app.cleanup_ctx.append(_gc_ctx)
     predict.add_routes(app)
     models.add_routes(app)

@@ -169,6 +169,11 @@ class Metrics:
             "Requests an experiment assigned to a variant (a version), and their duration, by model and variant.",
             LATENCY_BUCKETS,
         )
+        self.loop_busy = self._gauge(
+            "mlserve_event_loop_busy_ratio",
+            "Share of wall time the front end's event loop spent on work rather than waiting for events, "
+            "over the last window read (at least 0.1 s); shadow copies stop above shadow_max_loop_busy.",
+        )
         self.prediction_log_dropped = Counter(
             "mlserve_prediction_log_dropped_total",
             "Prediction log records lost: a write failed, or the reader of standard output fell behind.",

@@ -17,6 +17,7 @@ from mlserve.batcher import BatchResult, Rows
 from mlserve.cache import PredictionCache
 from mlserve.errors import ModelNotReady
 from mlserve.experiments import Experiment, Shadow
+from mlserve.loopload import LoopLoad
 from mlserve.metrics import Metrics
 from mlserve.registry import Registry, ServedVersion
 from mlserve.routing import Router
@@ -60,11 +61,12 @@ _FITS = {"image": _takes_images, "features": _takes_features}
 
 class ModelService:
     def __init__(
-        self, registry: Registry, cache: PredictionCache, metrics: Metrics, default_model: str | None = None
+        self, registry: Registry, cache: PredictionCache, metrics: Metrics, load: LoopLoad,
+        default_model: str | None = None,
     ) -> None:
         self._router = Router(registry, default_model)
         self._cache = cache
-        self.shadow = ShadowTraffic(registry, metrics)
+        self.shadow = ShadowTraffic(registry, metrics, load)
         self.experiments = registry.experiments()
         """Each model's running experiment: handlers read the caller's user key only while one runs."""
 

@@ -200,6 +200,9 @@ class Settings(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     """Where registry versions are downloaded to, once each; default: ``$XDG_CACHE_HOME/mlserve/mlflow``."""
     watch_interval_s: PositiveFloat = 10.0
     """How often the registry is asked where each followed alias (or stage) points."""
+    shadow_max_loop_busy: Annotated[float, msgspec.Meta(gt=0, le=1)] = 0.75
+    """Shadow copies are sent only while the event loop was busy less than this share of the last
+    tenth of a second: under load they are the first thing dropped (``mlserve.loopload``)."""
 
     def __post_init__(self) -> None:
         _check_batching(self.batching)

@@ -1,8 +1,9 @@
 """Shadow traffic: copy a fraction of a model's calls to a challenger version and compare the answers.
 
 The copy is sent only once the primary answer is ready and its handler has run, and nothing waits
-for it, so it never delays, changes or fails the answer. It is dropped while the primary's batcher
-is saturated (calls wait, or every batch slot is busy); otherwise it takes the shadow version's
+for it, so it never delays, changes or fails the answer. It is dropped while the front end's event
+loop has no headroom (``LoopLoad``: busy more than ``shadow_max_loop_busy`` of the last tenth of a
+second) or the primary's batcher is saturated (calls wait, or every batch slot is busy); otherwise it takes the shadow version's
 mirror lane: one batch at a time, only on an idle worker that other batches then avoid, behind a
 short queue (see ``ControlPlane._runner``). So under load shadow copies go first, and a slow shadow
 slows no answer. Each copy ends as one of ``agree``, ``disagree``, ``error`` (the shadow failed or
@@ -22,6 +23,7 @@ from typing import Any
 from mlserve.batcher import BatchResult, Rows
 from mlserve.errors import MlserveError, QueueFull, ShuttingDown
 from mlserve.experiments import Shadow
+from mlserve.loopload import LoopLoad
 from mlserve.metrics import Metrics, Series
 from mlserve.registry import Registry, ServedVersion
 
@@ -32,9 +34,10 @@ RELATIVE_TOLERANCE = 1e-6
 
 
 class ShadowTraffic:
-    def __init__(self, registry: Registry, metrics: Metrics) -> None:
+    def __init__(self, registry: Registry, metrics: Metrics, load: LoopLoad) -> None:
         self._registry = registry
         self._metrics = metrics
+        self._load = load
         self.outcomes: collections.Counter[Outcome] = collections.Counter()
 
     def follow(
@@ -59,9 +62,8 @@ class ShadowTraffic:
         target = self._registry.find(served.spec.name, version)
         lane = target.mirror if target is not None else None
         primaries = served.batcher
-        if lane is None or (primaries is not None and primaries.saturated):
-            # The primary's batches fill its slots or calls wait: the server is busy, and shadow
-            # copies are the first to go.
+        if lane is None or not self._load.has_room() or (primaries is not None and primaries.saturated):
+            # The front end or the primary's workers are busy: shadow copies are the first to go.
             self.outcomes[(*outcome, "dropped")] += 1
             return
         loop = primary.get_loop()

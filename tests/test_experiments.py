@@ -240,3 +240,51 @@ async def test_shadow_never_delays_changes_or_fails_the_answer(
     assert metrics.value("mlserve_shadow_duration_seconds_count", model="m", version="v4") == (
         differing["disagree"]
     ), "the shadow's latency is recorded for every answer it gave"
+
+
+async def test_shadow_copies_stop_while_the_front_end_is_busy_and_resume_when_it_is_not(
+    http: aiohttp.ClientSession, start_server: StartServer, shadow_models: Path
+) -> None:
+    # Slots to spare and no overlap wait: the primary's batcher is never what drops a copy here, so
+    # only the event loop's load can.
+    server = start_server(shadow_models, config=(
+        'shadow_max_loop_busy = 0.5\n[models.m]\nactive_version = "v1"\n'
+        "[models.m.batching]\nmax_inflight = 64\noverlap_after_ms = 0\n"
+    ))
+    document = {"shadow": {"version": "v4", "fraction": 1.0}}
+    assert_ok(await call(http, "PUT", server.url("/models/m/experiment"), json_body=document))
+    body = b'{"model": "m", "features": [1.0, 0, 0, 0]}'
+    busy: list[float] = []
+    stop = time.monotonic() + 3.0
+
+    async def client() -> int:
+        calls = 0
+        while time.monotonic() < stop:
+            async with http.post(server.url("/predict"), data=body) as reply:
+                assert reply.status == 200, await reply.text()
+                await reply.read()
+            calls += 1
+        return calls
+
+    async def gauge() -> None:
+        while time.monotonic() < stop - 0.5:
+            await asyncio.sleep(0.5)
+            busy.append((await scrape(http, server)).value("mlserve_event_loop_busy_ratio"))
+
+    calls = sum((await asyncio.gather(gauge(), *(client() for _ in range(CLIENTS))))[1:])
+
+    async def settled(total: int) -> bool:
+        return sum((await shadow_results(http, server, "v4")).values()) == total
+
+    await poll(lambda: settled(calls), timeout_s=10, what="every copy made under load to end")
+    loaded = await shadow_results(http, server, "v4")
+    assert max(busy) > 0.5, f"{CLIENTS} clients kept the event loop busy: {busy}"
+    assert loaded["dropped"] >= 0.8 * calls, f"copies under load are dropped first: {loaded} of {calls} calls"
+
+    await asyncio.sleep(0.3)  # a window of quiet
+    for n in range(20):
+        await predict(http, server, [float(n), 0, 0, 0], model="m")
+        await asyncio.sleep(0.05)
+    await poll(lambda: settled(calls + 20), timeout_s=10, what="every copy made at light load to end")
+    light = await shadow_results(http, server, "v4")
+    assert light["disagree"] - loaded["disagree"] >= 18, f"copies go again once the loop has room: {light}"
