@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import contextlib
 import hashlib
 import logging
 import struct
@@ -27,11 +26,11 @@ from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
 import msgspec
-import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
 from mlserve.batcher import BatchResult, Rows
 from mlserve.errors import DeadlineExceeded, MlserveError
+from mlserve.redislink import RedisLink
 from mlserve.settings import CacheSettings
 
 log = logging.getLogger(__name__)
@@ -128,12 +127,7 @@ class PredictionCache:
         self._l1: collections.OrderedDict[bytes, tuple[Any, float]] = collections.OrderedDict()
         self._l1_entries = settings.l1_entries
         self._timeout_s = settings.redis_timeout_ms / 1000.0
-        self._redis = (
-            aioredis.Redis.from_url(redis_url, socket_timeout=self._timeout_s, socket_connect_timeout=self._timeout_s)
-            if redis_url
-            else None
-        )
-        self._set_many = self._redis.register_script(SET_MANY) if self._redis is not None else None
+        self._redis = RedisLink(redis_url, self._timeout_s) if redis_url else None
         self._prefix = f"{prefix}:cache:".encode()
         self._breaker = _Breaker()
         self._running: dict[bytes, _Computation] = {}
@@ -359,7 +353,7 @@ class PredictionCache:
         found: list[Any] | None = None
         try:
             async with asyncio.timeout(self._timeout_s):
-                found = await self._redis.mget(keys)
+                found = await self._redis.call(b"MGET", *keys)
             self._breaker.succeeded()
         except (RedisError, OSError, TimeoutError) as exc:
             self._breaker.failed(loop.time(), exc)
@@ -372,10 +366,10 @@ class PredictionCache:
     async def _write(self) -> None:
         """Drain the pending writes, one script call per TTL a batch; a failing Redis drops them.
 
-        One ``EVALSHA`` that sets every key costs the front end a third of the CPU of a pipeline of
-        ``SET``s (redis-py spends ~20 us a pipelined command).
+        One script call that sets every key is one command to pack, send and read, where a pipeline
+        of ``SET``s is one a key.
         """
-        assert self._redis is not None and self._set_many is not None
+        assert self._redis is not None
         loop = self._loop or self._bind()
         try:
             while self._writes:
@@ -388,7 +382,7 @@ class PredictionCache:
                 try:
                     async with asyncio.timeout(self._timeout_s * 5):
                         for ttl_ms, (keys, values) in by_ttl.items():
-                            await self._set_many(keys=keys, args=[*values, ttl_ms])
+                            await self._redis.call(b"EVAL", SET_MANY, len(keys), *keys, *values, ttl_ms)
                     self._breaker.succeeded()
                 except (RedisError, OSError, TimeoutError) as exc:
                     self._breaker.failed(loop.time(), exc)
@@ -407,11 +401,7 @@ class PredictionCache:
 
     async def close(self) -> None:
         if self._redis is not None:  # first: a dropped connection ends a Redis call at once
-            with contextlib.suppress(RedisError, OSError):
-                await self._redis.connection_pool.disconnect()
+            self._redis.close()
         for task in list(self._tasks):
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
-        if self._redis is not None:
-            with contextlib.suppress(RedisError, OSError):
-                await self._redis.aclose()
