@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 MODELS_DIR ?= models
 PEERS := .venv-peers
 
-.PHONY: install models serve test bench bench-peers clean
+.PHONY: install models serve test bench bench-peers cluster cluster-stop clean
 
 install: $(STAMP)
 
@@ -21,6 +21,13 @@ models: $(STAMP)
 
 serve: models
 	$(BIN)/mlserve serve --models-dir $(MODELS_DIR)
+
+# Redis, three replicas and HAProxy on loopback (Debian's redis-server and haproxy): see README, "Deploy".
+cluster: models
+	$(BIN)/python deploy/cluster/cluster.py up --models-dir $(MODELS_DIR)
+
+cluster-stop:
+	$(BIN)/python deploy/cluster/cluster.py down
 
 test: $(STAMP)
 	$(BIN)/python -m pytest

@@ -10,9 +10,11 @@ from __future__ import annotations
 import asyncio
 import gc
 import logging
+import signal
 from collections.abc import AsyncIterator
 
 from aiohttp import web
+from aiohttp.web_runner import GracefulExit
 
 from mlserve.api import admin, docs, experiments, health, invocations, models, predict, v2
 from mlserve.api.errors import add_fallback_route, guard
@@ -83,6 +85,33 @@ async def _loop_load_ctx(app: web.Application) -> AsyncIterator[None]:
     app[LOOP_LOAD].detach()
 
 
+async def _drain_ctx(app: web.Application) -> AsyncIterator[None]:
+    """SIGTERM starts the drain: readiness answers 503 at once, and only ``drain_delay_s`` later does
+    aiohttp's graceful exit stop listening and wait for the requests in flight.
+
+    aiohttp's own SIGTERM handler (installed before the app starts, removed after it stops) would stop
+    listening at once, before a load balancer's health check could see the 503. A second SIGTERM
+    exits at once.
+    """
+    loop = asyncio.get_running_loop()
+    delay_s = app[SETTINGS].drain_delay_s
+
+    def begin() -> None:
+        if app[CONTROL].draining:
+            _graceful_exit()
+        app[CONTROL].drain()
+        log.info("SIGTERM: readiness answers 503; the server stops listening in %.1fs and drains", delay_s)
+        loop.call_later(delay_s, _graceful_exit)
+
+    loop.add_signal_handler(signal.SIGTERM, begin)
+    yield
+
+
+def _graceful_exit() -> None:
+    """What aiohttp's signal handler does: raised in a loop callback, it ends ``run_app``'s loop."""
+    raise GracefulExit()
+
+
 async def _gc_ctx(app: web.Application) -> AsyncIterator[None]:
     """Keep the garbage collector off the hot path.
 
@@ -130,6 +159,7 @@ def create_app(settings: Settings) -> web.Application:
     app.cleanup_ctx.append(_cache_ctx)
     app.cleanup_ctx.append(_control_ctx)
     app.cleanup_ctx.append(_loop_load_ctx)
+    app.cleanup_ctx.append(_drain_ctx)
     app.cleanup_ctx.append(_gc_ctx)
     predict.add_routes(app)
     models.add_routes(app)

@@ -114,6 +114,8 @@ class ControlPlane:
         self._rescan_lock = asyncio.Lock()
         self._tasks: list[asyncio.Task[None]] = []
         self._started = False
+        self.draining = False
+        """Set by ``drain`` at SIGTERM; readiness answers 503 from then on."""
         self._refused: dict[str, Experiment] = {}
         """Each model's shared experiment that this replica could not run, so it is not retried at every poll."""
         self.activations: collections.Counter[str] = collections.Counter()
@@ -295,11 +297,16 @@ class ControlPlane:
         preload = setting.preload if setting else "all"
         return preload == "all" or (isinstance(preload, list) and version in preload)
 
+    def drain(self) -> None:
+        """The server is stopping (SIGTERM): from now on it is not ready, so load balancers take it out
+        of rotation while it answers what it has."""
+        self.draining = True
+
     @property
     def ready(self) -> bool:
         """Start-up loading is done and every model's active version serves, but for models an operator
-        unloaded whole on purpose (``unload_model``)."""
-        return self._started and all(
+        unloaded whole on purpose (``unload_model``); never once draining."""
+        return not self.draining and self._started and all(
             self._registry.get(model, version).state == "ready" or model in self.unloaded_models
             for model, version in self._registry.actives().items()
         )

@@ -174,6 +174,10 @@ class Settings(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     """Pixels of one image, checked from its header before it is decoded (decompression bombs: 413)."""
     shutdown_timeout_s: PositiveFloat = 30.0
     """How long SIGTERM waits for in-flight requests (aiohttp would read 0 as "wait forever")."""
+    drain_delay_s: NonNegativeFloat = 0.0
+    """After SIGTERM, how long the server keeps accepting (readiness already answers 503) before it
+    stops listening and drains: time for a load balancer's health check to take it out of rotation.
+    On Kubernetes the ``preStop`` pause does this and 0 is right; behind HAProxy, a few check intervals."""
     log_level: str = "INFO"
     access_log: bool = False
     """Off by default: aiohttp's access log formats a line per request on the hot path."""

@@ -10,6 +10,7 @@ import asyncio
 import os
 import signal
 import subprocess
+import time
 import tomllib
 from collections.abc import Callable
 from pathlib import Path
@@ -284,3 +285,24 @@ def test_models_command_trains_both_versions_once(tmp_path: Path, iris_rows: lis
     assert "trained" not in second.stdout and "already" in second.stdout, second.stdout
     for version in IRIS_VERSIONS:
         assert (models / IRIS / version / "model.toml").read_bytes() == written[version], "a second run retrained"
+
+
+async def test_sigterm_turns_readiness_503_at_once_and_serves_through_the_drain_delay(
+    http: aiohttp.ClientSession, start_server: Callable[..., ServerProc], tmp_path: Path
+) -> None:
+    """With ``drain_delay_s``, a load balancer's health check sees 503 ``draining`` right after SIGTERM
+    while calls are still answered; then the listener goes and the exit is clean."""
+    server = start_server(models_with(tmp_path, "slow", SlowModel(0.0)), env={"MLSERVE_DRAIN_DELAY_S": "1.5"})
+    server.terminate()
+    started = time.monotonic()
+
+    async def draining() -> bool:
+        reply = await call(http, "GET", server.url("/health/ready"))
+        return reply.status == 503 and reply.body["status"] == "draining"
+
+    await poll(draining, timeout_s=0.5, what="readiness to answer 503 draining", interval_s=0.02)
+    while time.monotonic() - started < 1.0:
+        doubled(await predict(http, server, [3.0, 0, 0, 0]), 3.0)
+        await asyncio.sleep(0.05)
+    assert await asyncio.to_thread(server.wait_exit) == 0, server.log()
+    assert time.monotonic() - started >= 1.5, "it kept listening for the drain delay"

@@ -19,7 +19,8 @@ async def ready(request: web.Request) -> web.Response:
     states = request.app[REGISTRY].states()
     if request.app[CONTROL].ready:
         return respond(HealthResponse(status="ready", models=states))
-    status = "failed" if "failed" in states.values() else "loading"
+    control = request.app[CONTROL]
+    status = "draining" if control.draining else "failed" if "failed" in states.values() else "loading"
     response = respond(HealthResponse(status=status, models=states))
     response.set_status(503)
     return response
@@ -27,7 +28,7 @@ async def ready(request: web.Request) -> web.Response:
 
 DOCS: tuple[RouteDoc, ...] = (
     RouteDoc("GET", "/health/live", "200 while the process is up", response=HealthResponse, tag="health"),
-    RouteDoc("GET", "/health/ready", "200 once start-up loading is done and every active version serves, 503 before",
+    RouteDoc("GET", "/health/ready", "200 once start-up loading is done and every active version serves; 503 before, and from SIGTERM on",
              response=HealthResponse, also=(503,), tag="health"),
 )
 
