@@ -9,9 +9,10 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+from pathlib import Path
 from typing import Any
 
-from mlserve.errors import MlserveError
+from mlserve.errors import MlserveError, SettingsError
 from mlserve.settings import load_settings
 
 
@@ -25,9 +26,16 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument(
         "--model",
         action="append",
-        metavar="URI",
-        help="serve an MLflow model: models:/NAME@ALIAS (followed as the alias moves), models:/NAME/VERSION "
-        "or a local MLflow model directory; may be repeated. Only these are served, unless --models-dir is given too",
+        metavar="PATH_OR_URI",
+        help="serve one model: a directory holding one model file, as KServe lays out /mnt/models (a scikit-learn "
+        "*.joblib or *.pkl; a TorchScript *.pt or *.pth, with a model.toml giving its input_shape), a local MLflow "
+        "model directory, models:/NAME@ALIAS (followed as the alias moves) or models:/NAME/VERSION; may be "
+        "repeated. Only these are served, unless --models-dir is given too",
+    )
+    serve.add_argument(
+        "--model-name",
+        metavar="NAME",
+        help="the name to serve a single --model as (default: its directory's name, or its registry name)",
     )
     models = commands.add_parser("models", help="train the bundled demo models into the repository")
     models.add_argument("--force", action="store_true", help="retrain versions that already exist")
@@ -42,16 +50,41 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _sources(uris: list[str], name: str | None) -> dict[str, dict[str, str]]:
+    """The ``[models.NAME] source`` settings that ``--model`` and ``--model-name`` stand for.
+
+    A bare model directory is read here, estimator and all, so one that cannot be served stops the
+    server before it starts: its source reads it again once the server runs, and a sourced model
+    that fails there only makes that model unavailable, not the server unready.
+    """
+    from mlserve.repository import valid_name
+    from mlserve.sources.bare import bare_spec, is_bare
+    from mlserve.sources.mlflow import LOCAL_VERSION, parse, served_name
+
+    if name is not None and len(uris) != 1:
+        raise SettingsError("--model-name names the model of a single --model; with several, each keeps its own name")
+    if name is not None and not valid_name(name):
+        raise SettingsError(f"--model-name {name!r} is not a valid model name")
+    sources: dict[str, dict[str, str]] = {}
+    for uri in uris:
+        served = name or served_name(uri)
+        if served in sources:
+            raise SettingsError(f"--model {sources[served]['source']} and --model {uri} are both named {served!r}")
+        path = parse(uri).path
+        if path is not None and is_bare(Path(path)):
+            bare_spec(served, LOCAL_VERSION, Path(path))
+        sources[served] = {"source": uri}
+    return sources
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     overrides: dict[str, Any] = {"models_dir": args.models_dir}
     try:
         if args.command == "serve":
             overrides |= {"host": args.host, "port": args.port, "workers": args.workers}
-            if args.model:
-                from mlserve.sources.mlflow import served_name
-
-                overrides["models"] = {served_name(uri): {"source": uri} for uri in args.model}
+            if args.model or args.model_name is not None:
+                overrides["models"] = _sources(args.model or [], args.model_name)
                 if args.models_dir is None:
                     overrides["models_dir"] = ""
         settings = load_settings(args.config, overrides=overrides)

@@ -30,7 +30,8 @@ ALLOWED: dict[str, set[str]] = {
     "runtimes.torch": {"repository", "schemas", "settings"},
     "runtimes.mlflow": {"repository", "runtimes.sklearn", "schemas", "settings"},
     "sources": set(),
-    "sources.mlflow": {"errors", "repository", "schemas"},
+    "sources.bare": {"errors", "repository", "schemas"},
+    "sources.mlflow": {"errors", "repository", "schemas", "sources.bare"},
     "images": {"errors", "runtimes", "schemas"},
     "worker": {"images", "ipc", "repository", "runtimes", "settings"},
     "pool": {"errors", "ipc", "repository", "settings", "worker"},
@@ -79,7 +80,7 @@ ALLOWED: dict[str, set[str]] = {
         "api", "api.errors", "api.keys", "api.routedoc", "cache", "control", "loopload", "metrics", "pool", "predictionlog", "registry", "service",
         "settings", "state",
     },
-    "cli": {"app", "demo_models", "errors", "settings", "sources.mlflow"},
+    "cli": {"app", "demo_models", "errors", "repository", "settings", "sources.bare", "sources.mlflow"},
     "": set(),
     "__main__": {"cli"},
 }

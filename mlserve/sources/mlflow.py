@@ -1,5 +1,5 @@
 """Models whose versions come from MLflow: the registry (``models:/NAME@ALIAS``, ``models:/NAME/3``,
-``models:/NAME/Production``) or a local MLflow model directory.
+``models:/NAME/Production``) or a local model directory: an MLflow model, or a bare one (``sources.bare``).
 
 The registry is asked in a thread (MLflow's client blocks). A version's artifacts are downloaded once
 into a local cache, keyed by registry, name and version and published atomically, so a restart
@@ -26,12 +26,14 @@ import msgspec
 from mlserve.errors import LoadFailed, RegistryUnavailable, SettingsError
 from mlserve.repository import ModelSpec, valid_name
 from mlserve.schemas import COLUMN_DTYPES, Column, MlflowInfo, ModelMetadata, SourceStatus
+from mlserve.sources.bare import bare_spec, is_bare
 
 REGISTRY_URI = re.compile(r"^models:/(?P<name>[^/@]+)(?:@(?P<alias>[^/@]+)|/(?P<ref>[^/@]+))$")
 INFO_FILE = "mlserve-mlflow.json"
 SERVED_FILE = "served.json"
 LOCAL_VERSION = "1"
-"""The version a local MLflow model directory is served as: it has no registry to number it."""
+"""The version a local model directory (MLflow or bare) is served as: it has no registry to number it,
+and it holds one model, so a new model is a new directory (a new server), not a new version."""
 MAX_EXAMPLE_ROWS = 64
 
 log = logging.getLogger(__name__)
@@ -65,7 +67,7 @@ def parse(uri: str) -> Reference:
     if re.match(r"^[A-Za-z][A-Za-z0-9+.-]*:/", uri):  # models:/ malformed, or runs:/, s3://...
         raise SettingsError(
             f"model source {uri!r}: expected models:/NAME@ALIAS, models:/NAME/VERSION, models:/NAME/STAGE "
-            "or the path of a local MLflow model directory"
+            "or the path of a local model directory"
         )
     path = Path(uri).expanduser().resolve()
     return Reference(uri, path.name, path=str(path))
@@ -204,6 +206,8 @@ class MlflowSource:
         return await asyncio.to_thread(self._fetch, version)
 
     def _fetch(self, version: str) -> ModelSpec:
+        if self.ref.path is not None and is_bare(Path(self.ref.path)):
+            return bare_spec(self.model, version, Path(self.ref.path))
         if self.ref.path is not None:
             info = MlflowInfo(source=self.ref.uri, registered_name=self.ref.name, version=version, flavor="")
             return spec_of(self.model, version, Path(self.ref.path), info)
