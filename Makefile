@@ -5,6 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 MODELS_DIR ?= models
 PEERS := .venv-peers
+KSERVE := .venv-kserve
 
 .PHONY: install models serve test bench bench-peers cluster cluster-stop clean
 
@@ -29,8 +30,14 @@ cluster: models
 cluster-stop:
 	$(BIN)/python deploy/cluster/cluster.py down
 
-test: $(STAMP)
+test: $(STAMP) $(KSERVE)/.installed
 	$(BIN)/python -m pytest
+
+# The KServe SDK in a venv of its own (it pins pandas and protobuf below ours), for tests/kserve_types.py.
+$(KSERVE)/.installed:
+	test -x $(KSERVE)/bin/python || $(PYTHON) -m venv $(KSERVE)
+	$(KSERVE)/bin/python -m pip install --quiet kserve==0.21.0 kubernetes==37.0.1
+	touch $@
 
 bench: $(STAMP)
 	$(BIN)/python -m benchmarks
@@ -46,4 +53,4 @@ bench-peers: $(PEERS)/.installed
 	$(BIN)/python -m benchmarks --peers --out-dir benchmarks/results/peers
 
 clean:
-	rm -rf $(VENV) $(PEERS) build *.egg-info
+	rm -rf $(VENV) $(PEERS) $(KSERVE) build *.egg-info

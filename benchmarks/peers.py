@@ -13,7 +13,7 @@ import json
 import shutil
 from pathlib import Path
 
-from benchmarks.scenarios import PEER_VERSION, Scenario
+from benchmarks.scenarios import Scenario
 from benchmarks.servers import HOST, REPO_ROOT, free_port
 
 VENV = REPO_ROOT / ".venv-peers"

@@ -8,11 +8,12 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import shutil
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import aiohttp
@@ -121,33 +122,37 @@ async def test_an_experiment_set_through_one_replica_assigns_each_user_the_same_
             assert reply.status in (200, 204), await reply.text()
 
 
-async def load(http: aiohttp.ClientSession, base: str, until: asyncio.Event) -> collections.Counter[str]:
-    """64 clients calling ``base`` until ``until`` is set; what they got, by status or error."""
+@contextlib.asynccontextmanager
+async def under_load(http: aiohttp.ClientSession, base: str) -> AsyncIterator[collections.Counter[str]]:
+    """64 clients calling ``base`` from half a second before the block until its end; what they got,
+    by status or error, counted once the block is over."""
     outcomes: collections.Counter[str] = collections.Counter()
+    done = asyncio.Event()
 
     async def client(n: int) -> None:
-        while not until.is_set():
+        while not done.is_set():
             try:
                 reply = await predict(http, base, [4.3 + n % 30 / 10, 3.0, 1.4, 0.2])
                 outcomes[str(reply.status)] += 1
             except aiohttp.ClientError as exc:
                 outcomes[type(exc).__name__] += 1
 
-    await asyncio.gather(*(client(n) for n in range(CLIENTS)))
-    return outcomes
+    clients = [asyncio.create_task(client(n)) for n in range(CLIENTS)]
+    await asyncio.sleep(0.5)
+    try:
+        yield outcomes
+    finally:
+        done.set()
+        await asyncio.gather(*clients)
 
 
 async def test_rolling_restart_under_load_through_haproxy_fails_no_request(
     http: aiohttp.ClientSession, cluster: LoopbackCluster
 ) -> None:
-    done = asyncio.Event()
-    running = asyncio.create_task(load(http, cluster.url, done))
-    await asyncio.sleep(1.0)
-    for index in range(REPLICAS):
-        await asyncio.to_thread(cluster.restart_replica, index)
-        await asyncio.sleep(1.0)  # HAProxy's checks see it up again (rise 2)
-    done.set()
-    outcomes = await running
+    async with under_load(http, cluster.url) as outcomes:
+        for index in range(REPLICAS):
+            await asyncio.to_thread(cluster.restart_replica, index)
+            await asyncio.sleep(1.0)  # HAProxy's checks see it up again (rise 2)
     print(f"rolling restart under {CLIENTS} clients: {dict(outcomes)}")
     assert outcomes["200"] > 0 and set(outcomes) == {"200"}, f"requests failed during the restart: {dict(outcomes)}"
 
@@ -155,15 +160,11 @@ async def test_rolling_restart_under_load_through_haproxy_fails_no_request(
 async def test_redis_killed_under_load_every_replica_answers_and_back_it_resyncs(
     http: aiohttp.ClientSession, cluster: LoopbackCluster
 ) -> None:
-    done = asyncio.Event()
-    running = asyncio.create_task(load(http, cluster.url, done))
-    await asyncio.sleep(0.5)
-    cluster.stop_redis()
-    await asyncio.sleep(1.5)
-    for index in range(REPLICAS):
-        assert (await predict(http, cluster.replica_url(index), [5.5, 2.5, 4.0, 1.3])).status == 200
-    done.set()
-    outcomes = await running
+    async with under_load(http, cluster.url) as outcomes:
+        cluster.stop_redis()
+        await asyncio.sleep(1.5)
+        for index in range(REPLICAS):
+            assert (await predict(http, cluster.replica_url(index), [5.5, 2.5, 4.0, 1.3])).status == 200
     assert set(outcomes) == {"200"}, f"a dead Redis failed requests: {dict(outcomes)}"
 
     cluster.start_redis()
