@@ -23,6 +23,13 @@ break its batch-mates. Results are set only on futures not already done. A reque
 room left in a batch is split across batches and reassembled in order. A failing batch fails only
 its own callers.
 
+Admission by deadline (``admit_by_deadline``): the batcher keeps a running estimate of how fast a
+worker slot turns rows into answers (an exponentially weighted mean of each batch's rows over its
+round trip) and of a batch's round trip. While requests wait, a new one whose deadline cannot be met
+behind the rows already queued is refused at once (``Overloaded``, 429) with the seconds until the
+queue will have drained, instead of waiting in vain and timing out (504). Idle, or before the first
+batch has come back, nothing is estimated and every request is taken.
+
 Deadlines are enforced by one sweep per batcher, armed at the earliest pending deadline, rather than
 a timer per request: with the default timeout every new deadline is later than the armed one, so a
 request costs no timer at all, where a timer each meant heap pushes and cancels on the hot path.
@@ -41,7 +48,7 @@ from typing import Any
 import msgspec
 import numpy as np
 
-from mlserve.errors import DeadlineExceeded, PredictionFailed, QueueFull, ShuttingDown
+from mlserve.errors import DeadlineExceeded, Overloaded, PredictionFailed, QueueFull, ShuttingDown
 
 log = logging.getLogger(__name__)
 
@@ -61,6 +68,8 @@ a task. Raising at once (rows that do not stack) fails only that batch.
 
 _DEADLINE_SLACK_S = 0.0005
 """A sweep fires at its deadline, never much before; this absorbs the clock's resolution."""
+_RATE_WEIGHT = 0.2
+"""The weight of the newest batch in the running estimates: about the last ten batches count."""
 
 
 class BatchResult(msgspec.Struct, gc=False):
@@ -132,6 +141,7 @@ class Batcher:
         max_queue: int,
         max_inflight: int,
         overlap_after_ms: float = 0.0,
+        admit_by_deadline: bool = False,
         name: str = "batcher",
         on_batch: Callable[[int], None] | None = None,
         on_queued: Callable[[float], None] | None = None,
@@ -153,6 +163,12 @@ class Batcher:
         self._queued_rows = 0
         """Rows queued and not yet taken into a batch (those of requests already given up included)."""
         self._free_slots = max_inflight
+        self._slots = max_inflight
+        self._admit_by_deadline = admit_by_deadline
+        self._rows_per_s = 0.0
+        """Rows a second one slot answers, from the batches that came back; 0 until one has."""
+        self._round_trip_s = 0.0
+        """How long a batch takes from dispatch to its answers."""
         self._running: dict[asyncio.Future[tuple[Any, float]], _Batch] = {}
         self._flush: asyncio.Handle | None = None
         """The pending flush: at the end of this loop iteration, or (a timer) when a wait ends."""
@@ -192,6 +208,8 @@ class Batcher:
         loop = self._loop
         now = loop.time()
         deadline = now + timeout_s
+        if self._queue and self._admit_by_deadline and self._rows_per_s:
+            self._admit(len(rows), timeout_s)
         future: asyncio.Future[BatchResult] = loop.create_future()
         self._queue.append(_Request(rows, future, deadline, now, on_result=on_result))
         self._queued_rows += len(rows)
@@ -203,6 +221,21 @@ class Batcher:
         if deadline < self._sweep_at:
             self._arm_sweep(deadline)
         return future
+
+    def _admit(self, rows: int, timeout_s: float) -> None:
+        """Refuse a request that would wait past its deadline behind the rows queued ahead of it.
+
+        Its answer is expected one round trip after the slots have worked through the rows ahead and
+        its own; it may come sooner (batches overlap), so this errs towards taking the request.
+        """
+        rate = self._rows_per_s * self._slots
+        ahead_s = self._queued_rows / rate
+        if ahead_s + rows / rate + self._round_trip_s > timeout_s:
+            raise Overloaded(
+                f"{self._name}: {self._queued_rows} rows are queued ahead, about {ahead_s:.2f}s of work; this "
+                f"request's deadline is {timeout_s:.2f}s away",
+                max(1, math.ceil(ahead_s)),
+            )
 
     def _flush_soon(self) -> None:
         """Flush at the end of this loop iteration, ending a wait that the batch has made pointless."""
@@ -308,6 +341,8 @@ class Batcher:
         """Hand a finished batch's outputs to its callers; the freed slot takes the next batch at once."""
         batch = self._running.pop(running)
         self._free_slots += 1
+        if self._admit_by_deadline:
+            self._measure(batch)
         try:
             self._deliver(batch, running)
         except Exception as exc:
@@ -319,6 +354,18 @@ class Batcher:
             self._send_batches()
         elif self._idle is not None:
             self._note_idle()
+
+    def _measure(self, batch: _Batch) -> None:
+        """Fold a returned batch into the running estimates of the rate and the round trip."""
+        round_trip_s = self._loop.time() - batch.sent
+        if round_trip_s <= 0:
+            return
+        rows_per_s = batch.size / round_trip_s
+        if not self._rows_per_s:
+            self._rows_per_s, self._round_trip_s = rows_per_s, round_trip_s
+            return
+        self._rows_per_s += _RATE_WEIGHT * (rows_per_s - self._rows_per_s)
+        self._round_trip_s += _RATE_WEIGHT * (round_trip_s - self._round_trip_s)
 
     def _note_idle(self) -> None:
         assert self._idle is not None

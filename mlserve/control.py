@@ -644,6 +644,7 @@ class ControlPlane:
             max_queue=knobs.max_queue,
             max_inflight=knobs.max_inflight or self._pool.size,
             overlap_after_ms=knobs.overlap_after_ms,
+            admit_by_deadline=self._settings.admission == "deadline",
             name=spec.key,
             on_batch=served.batch_rows.observe,
             on_queued=served.queue_time.observe,

@@ -79,6 +79,15 @@ class QueueFull(MlserveError):
     retry_after_s = 1
 
 
+class Overloaded(MlserveError):
+    """The requests queued ahead would keep this one past its deadline: refused now rather than
+    timed out later, with when the queue will have room again."""
+
+    def __init__(self, message: str, retry_after_s: int) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
+
+
 class DeadlineExceeded(MlserveError):
     """The request's deadline passed before its result arrived."""
 

@@ -165,6 +165,9 @@ class Settings(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     """Where torch models run: ``auto`` takes a CUDA device when one is present, else the CPU."""
     default_model: str | None = None
     request_timeout_ms: PositiveFloat = 10_000.0
+    admission: Literal["deadline", "queue"] = "deadline"
+    """``deadline``: a request that cannot be answered within its deadline behind the rows queued ahead
+    is refused at once (429 with Retry-After); ``queue``: only the bounded queue refuses (503)."""
     max_body_bytes: PositiveInt = 1 << 20
     max_batch_rows: PositiveInt = 1024
     """Rows one ``/predict/batch`` request may carry (413 beyond)."""

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from mlserve.batcher import Batcher, BatchResult
-from mlserve.errors import DeadlineExceeded, PredictionFailed, QueueFull, ShuttingDown
+from mlserve.errors import DeadlineExceeded, Overloaded, PredictionFailed, QueueFull, ShuttingDown
 
 
 class GatedRunner:
@@ -426,3 +426,48 @@ async def test_drain_that_times_out_fails_what_is_left() -> None:
 async def test_drain_of_an_idle_batcher_returns_at_once() -> None:
     batcher = make(GatedRunner())
     await asyncio.wait_for(batcher.drain(30.0, "going"), 1)
+
+
+class TimedRunner:
+    """Answers ``10 * x[0]`` a row after ``batch_s``, whatever the batch's size."""
+
+    def __init__(self, batch_s: float) -> None:
+        self.batch_s = batch_s
+
+    async def __call__(self, rows: list[list[float]]) -> tuple[object, float]:
+        await asyncio.sleep(self.batch_s)
+        return [row[0] * 10 for row in rows], self.batch_s
+
+
+async def flood(admit_by_deadline: bool) -> tuple[list[Overloaded], list[asyncio.Future[BatchResult]]]:
+    """Three calls one at a time (the batcher learns its rate), then 40 at once with 0.3 s deadlines to
+    a model that answers two rows every 50 ms: the refusals, and the futures of the calls taken."""
+    batcher = Batcher(TimedRunner(0.05), max_batch_size=2, max_delay_ms=0, max_queue=100, max_inflight=1,
+                      admit_by_deadline=admit_by_deadline)
+    for value in range(3):
+        await batcher.submit(rows(value), within())
+    refused: list[Overloaded] = []
+    taken: list[asyncio.Future[BatchResult]] = []
+    for value in range(40):
+        try:
+            taken.append(batcher.submit(rows(value), 0.3))
+        except Overloaded as exc:
+            refused.append(exc)
+    await asyncio.wait(taken, timeout=5)
+    await batcher.close()
+    return refused, taken
+
+
+async def test_a_request_that_would_miss_its_deadline_behind_the_queue_is_refused_at_once() -> None:
+    refused, taken = await flood(admit_by_deadline=True)
+    assert refused and taken, "some are taken, the rest refused"
+    assert all(exc.retry_after_s >= 1 for exc in refused)
+    assert "rows are queued ahead" in str(refused[0])
+    assert [future.exception() for future in taken] == [None] * len(taken), "every call taken meets its deadline"
+    assert [future.result().values for future in taken] == [[v * 10.0] for v in range(len(taken))]
+
+
+async def test_with_queue_admission_the_same_flood_waits_and_times_out() -> None:
+    refused, taken = await flood(admit_by_deadline=False)
+    assert not refused
+    assert any(isinstance(future.exception(), DeadlineExceeded) for future in taken)

@@ -219,9 +219,9 @@ def add_prediction_route(
     return wrapped
 
 
-PREDICTION_ERRORS = (400, 404, 413, 422, 500, 503, 504)
-"""Bad JSON or timeout header, unknown model or version, too large, invalid, the model raised, not
-ready or overloaded, past the deadline."""
+PREDICTION_ERRORS = (400, 404, 413, 422, 429, 500, 503, 504)
+"""Bad JSON or timeout header, unknown model or version, too large, invalid, too much queued ahead to
+meet the deadline, the model raised, not ready or the queue full, past the deadline."""
 ROW_EXAMPLE = [5.1, 3.5, 1.4, 0.2]
 DOCS: tuple[RouteDoc, ...] = (
     RouteDoc("POST", "/predict", "Predict one row of features", schemas.PredictRequest,

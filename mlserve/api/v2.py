@@ -682,7 +682,7 @@ def _changed(request: web.Request, states: list[VersionState]) -> list[Repositor
 
 MODEL = "/v2/models/{name}"
 VERSION = "/v2/models/{name}/versions/{version}"
-INFER_ERRORS = (400, 404, 413, 422, 500, 503, 504)
+INFER_ERRORS = (400, 404, 413, 422, 429, 500, 503, 504)
 DOCS: tuple[RouteDoc, ...] = (
     RouteDoc("GET", "/v2", "Server metadata: name, version and the protocol extensions served",
              response=ServerMetadataResponse, tag="v2"),
