@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
+from collections.abc import AsyncIterator
 
 import pytest
 from redis.exceptions import ConnectionError as RedisConnectionError
@@ -15,6 +16,14 @@ from mlserve.redislink import RedisLink
 from redisproc import RedisProc
 
 TIMEOUT_S = 1.0
+
+
+@pytest.fixture
+async def link(redis: RedisProc) -> AsyncIterator[RedisLink]:
+    """A link to the test's own Redis, closed after the test."""
+    opened = RedisLink(redis.url, TIMEOUT_S)
+    yield opened
+    opened.close()
 
 
 async def test_pipelined_commands_get_their_own_replies_in_order(redis: RedisProc) -> None:
@@ -49,37 +58,33 @@ async def test_password_and_database_from_the_url(redis: RedisProc) -> None:
         admin.close()
 
 
-async def test_dead_redis_fails_commands_at_once_and_a_restarted_one_is_reconnected(redis: RedisProc) -> None:
-    link = RedisLink(redis.url, TIMEOUT_S)
-    try:
-        await link.call(b"SET", b"k", b"v")
-        assert redis.proc is not None
-        os.kill(redis.proc.pid, signal.SIGSTOP)
-        in_flight = link.send(b"GET", b"k")
-        redis.proc.kill()  # a SIGKILL is delivered to a stopped process too
-        redis.proc.wait()
-        async with asyncio.timeout(TIMEOUT_S):
-            with pytest.raises(RedisConnectionError):
-                await in_flight
+async def test_dead_redis_fails_commands_at_once_and_a_restarted_one_is_reconnected(
+    redis: RedisProc, link: RedisLink
+) -> None:
+    await link.call(b"SET", b"k", b"v")
+    assert redis.proc is not None
+    os.kill(redis.proc.pid, signal.SIGSTOP)
+    in_flight = link.send(b"GET", b"k")
+    redis.proc.kill()  # a SIGKILL is delivered to a stopped process too
+    redis.proc.wait()
+    async with asyncio.timeout(TIMEOUT_S):
         with pytest.raises(RedisConnectionError):
-            await link.call(b"PING")
-        redis.start()
-        assert await link.call(b"PING") == b"PONG"
-    finally:
-        link.close()
+            await in_flight
+    with pytest.raises(RedisConnectionError):
+        await link.call(b"PING")
+    redis.start()
+    assert await link.call(b"PING") == b"PONG"
 
 
-async def test_a_paused_redis_times_out_and_its_late_reply_goes_to_no_one_else(redis: RedisProc) -> None:
-    link = RedisLink(redis.url, TIMEOUT_S)
-    try:
-        await link.call(b"SET", b"a", b"1")
-        await link.call(b"SET", b"b", b"2")
-        assert redis.proc is not None
-        os.kill(redis.proc.pid, signal.SIGSTOP)
-        with pytest.raises(TimeoutError):
-            async with asyncio.timeout(0.2):
-                await link.call(b"GET", b"a")
-        os.kill(redis.proc.pid, signal.SIGCONT)
-        assert await link.call(b"GET", b"b") == b"2", "the late reply to GET a is discarded, not handed on"
-    finally:
-        link.close()
+async def test_a_paused_redis_times_out_and_its_late_reply_goes_to_no_one_else(
+    redis: RedisProc, link: RedisLink
+) -> None:
+    await link.call(b"SET", b"a", b"1")
+    await link.call(b"SET", b"b", b"2")
+    assert redis.proc is not None
+    os.kill(redis.proc.pid, signal.SIGSTOP)
+    with pytest.raises(TimeoutError):
+        async with asyncio.timeout(0.2):
+            await link.call(b"GET", b"a")
+    os.kill(redis.proc.pid, signal.SIGCONT)
+    assert await link.call(b"GET", b"b") == b"2", "the late reply to GET a is discarded, not handed on"
