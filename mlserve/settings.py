@@ -61,7 +61,8 @@ class BatchingSettings(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     mates while a worker slot is free; 0 means eager dispatch. ``max_queue`` counts queued requests.
     ``max_inflight`` defaults to the number of workers. ``overlap_after_ms``: how long a running
     batch has the workers to itself before a batch that is not full may run beside it; 0 sends a
-    batch whenever a slot is free.
+    batch whenever a slot is free. ``max_compute_s``: a batch that a worker has been computing for
+    longer fails its callers with 504 and the worker is killed and replaced (a model that hangs).
     """
 
     max_batch_size: PositiveInt = 64
@@ -69,6 +70,7 @@ class BatchingSettings(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     max_queue: PositiveInt = 2048
     max_inflight: PositiveInt | None = None
     overlap_after_ms: NonNegativeFloat = 2.0
+    max_compute_s: PositiveFloat = 60.0
 
 
 def _check_batching(knobs: Mapping[str, float]) -> None:
