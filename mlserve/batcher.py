@@ -30,6 +30,12 @@ behind the rows already queued is refused at once (``Overloaded``, 429) with the
 queue will have drained, instead of waiting in vain and timing out (504). Idle, or before the first
 batch has come back, nothing is estimated and every request is taken.
 
+Priorities: each priority (``HIGH``, ``NORMAL``, ``LOW``) has its own queue, and a batch takes
+rows from the high queue before the normal one before the low one. Admission counts only the rows
+of equal or higher priority ahead of a request, so under overload the low ones are refused first;
+and when the queue is full, a request evicts the newest request of a lower priority (refused with
+429) rather than being refused itself.
+
 Deadlines are enforced by one sweep per batcher, armed at the earliest pending deadline, rather than
 a timer per request: with the default timeout every new deadline is later than the armed one, so a
 request costs no timer at all, where a timer each meant heap pushes and cancels on the hot path.
@@ -42,7 +48,7 @@ import collections
 import itertools
 import logging
 import math
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from typing import Any
 
 import msgspec
@@ -71,6 +77,10 @@ _DEADLINE_SLACK_S = 0.0005
 _RATE_WEIGHT = 0.2
 """The weight of the newest batch in the running estimates: about the last ten batches count."""
 
+HIGH, NORMAL, LOW = 0, 1, 2
+"""Priorities, in the order batches take them."""
+PRIORITIES = {"high": HIGH, "normal": NORMAL, "low": LOW}
+
 
 class BatchResult(msgspec.Struct, gc=False):
     """One request's outputs. A Struct, not a NamedTuple: one is built a request, and a NamedTuple
@@ -90,6 +100,7 @@ class _Request(msgspec.Struct):
     future: asyncio.Future[BatchResult]
     deadline: float
     arrival: float
+    priority: int
     taken: int = 0
     """Rows already taken into batches; the rest of a split request waits at the queue's head."""
     parts: list[tuple[int, list[Any]]] | None = None
@@ -159,9 +170,14 @@ class Batcher:
         self._on_queued = on_queued
         self._on_computed = on_computed
         self._loop = asyncio.get_running_loop()
-        self._queue: collections.deque[_Request] = collections.deque()
+        self._queues: tuple[collections.deque[_Request], ...] = tuple(collections.deque() for _ in PRIORITIES)
+        """One queue a priority, highest first."""
+        self._waiting = 0
+        """Requests in the queues."""
         self._queued_rows = 0
         """Rows queued and not yet taken into a batch (those of requests already given up included)."""
+        self._rows_at = [0] * len(PRIORITIES)
+        """``_queued_rows`` by priority: admission counts those of equal or higher priority."""
         self._free_slots = max_inflight
         self._slots = max_inflight
         self._admit_by_deadline = admit_by_deadline
@@ -182,15 +198,19 @@ class Batcher:
 
     @property
     def queue_depth(self) -> int:
-        return len(self._queue)
+        return self._waiting
 
     @property
     def saturated(self) -> bool:
         """Requests wait, or every batch slot is taken: work that can wait should not be added now."""
-        return bool(self._queue) or not self._free_slots
+        return bool(self._waiting) or not self._free_slots
 
     def submit(
-        self, rows: Rows, timeout_s: float, on_result: Callable[[list[Any]], None] | None = None
+        self,
+        rows: Rows,
+        timeout_s: float,
+        on_result: Callable[[list[Any]], None] | None = None,
+        priority: int = NORMAL,
     ) -> asyncio.Future[BatchResult]:
         """Queue ``rows`` (already validated); the future holds their outputs within ``timeout_s``.
 
@@ -201,18 +221,20 @@ class Batcher:
         """
         if self._refusal is not None:
             raise ShuttingDown(self._refusal)
-        if len(self._queue) >= self._max_queue:
-            raise QueueFull(f"{self._name}: queue is full ({self._max_queue} requests waiting)")
+        if self._waiting >= self._max_queue:
+            self._make_room(priority)
         if timeout_s <= 0:
             raise DeadlineExceeded("the request's deadline passed before it was queued")
         loop = self._loop
         now = loop.time()
         deadline = now + timeout_s
-        if self._queue and self._admit_by_deadline and self._rows_per_s:
-            self._admit(len(rows), timeout_s)
+        if self._waiting and self._admit_by_deadline and self._rows_per_s:
+            self._admit(len(rows), timeout_s, priority)
         future: asyncio.Future[BatchResult] = loop.create_future()
-        self._queue.append(_Request(rows, future, deadline, now, on_result=on_result))
+        self._queues[priority].append(_Request(rows, future, deadline, now, priority, on_result=on_result))
+        self._waiting += 1
         self._queued_rows += len(rows)
+        self._rows_at[priority] += len(rows)
         if self._free_slots and (
             self._flush is None
             or (isinstance(self._flush, asyncio.TimerHandle) and self._queued_rows >= self._max_batch_size)
@@ -222,17 +244,45 @@ class Batcher:
             self._arm_sweep(deadline)
         return future
 
-    def _admit(self, rows: int, timeout_s: float) -> None:
-        """Refuse a request that would wait past its deadline behind the rows queued ahead of it.
+    def _make_room(self, priority: int) -> None:
+        """The queue is full: evict the newest request of the lowest priority below ``priority`` (it is
+        refused as overloaded), or refuse this one."""
+        for lower in range(len(self._queues) - 1, priority, -1):
+            queue = self._queues[lower]
+            if queue and not queue[-1].taken:
+                evicted = queue.pop()
+                self._forget(evicted)
+                if not evicted.future.done():
+                    evicted.future.set_exception(
+                        Overloaded(f"{self._name}: the queue is full and a request of higher priority took this one's place", 1)
+                    )
+                return
+        raise QueueFull(f"{self._name}: queue is full ({self._max_queue} requests waiting)")
+
+    def _forget(self, request: _Request) -> None:
+        """Account for a request leaving the queues with the rows it has not had taken."""
+        left = len(request.rows) - request.taken
+        self._waiting -= 1
+        self._queued_rows -= left
+        self._rows_at[request.priority] -= left
+
+    def _admit(self, rows: int, timeout_s: float, priority: int) -> None:
+        """Refuse a request that would wait past its deadline behind the rows queued ahead of it: those
+        of equal or higher priority, since batches take them first.
 
         Its answer is expected one round trip after the slots have worked through the rows ahead and
         its own; it may come sooner (batches overlap), so this errs towards taking the request.
         """
+        ahead = self._queued_rows
+        if priority < LOW:
+            ahead -= self._rows_at[LOW]
+        if priority < NORMAL:
+            ahead -= self._rows_at[NORMAL]
         rate = self._rows_per_s * self._slots
-        ahead_s = self._queued_rows / rate
+        ahead_s = ahead / rate
         if ahead_s + rows / rate + self._round_trip_s > timeout_s:
             raise Overloaded(
-                f"{self._name}: {self._queued_rows} rows are queued ahead, about {ahead_s:.2f}s of work; this "
+                f"{self._name}: {ahead} rows are queued ahead, about {ahead_s:.2f}s of work; this "
                 f"request's deadline is {timeout_s:.2f}s away",
                 max(1, math.ceil(ahead_s)),
             )
@@ -246,7 +296,7 @@ class Batcher:
     def _send_batches(self) -> None:
         """Send batches while a slot is free and requests wait, unless the next batch must wait."""
         self._flush = None
-        while self._free_slots and self._queue:
+        while self._free_slots and self._waiting:
             goes_at = self._batch_goes_at()
             if goes_at is not None:
                 self._flush = self._loop.call_at(goes_at, self._send_batches)
@@ -267,7 +317,7 @@ class Batcher:
         if self._running and self._overlap_after_s > 0:
             goes_at = min(batch.sent for batch in self._running.values()) + self._overlap_after_s
         if self._max_delay_s > 0:
-            first = next((request for request in self._queue if not request.future.done()), None)
+            first = next((request for request in self._queued() if not request.future.done()), None)
             if first is not None:
                 goes_at = max(goes_at, first.arrival + self._max_delay_s)
         return goes_at if goes_at > self._loop.time() else None
@@ -284,7 +334,7 @@ class Batcher:
         now = self._loop.time() + _DEADLINE_SLACK_S
         earliest = math.inf
         running = (request for batch in self._running.values() for request, _, _ in batch.entries)
-        for request in itertools.chain(self._queue, running):
+        for request in itertools.chain(self._queued(), running):
             if request.future.done():
                 continue
             if request.deadline <= now:
@@ -294,27 +344,33 @@ class Batcher:
         if earliest < math.inf:
             self._arm_sweep(earliest)
 
+    def _queued(self) -> Iterator[_Request]:
+        """Every queued request, in the order batches take them."""
+        return itertools.chain.from_iterable(self._queues)
+
     def _drain(self) -> Entries:
-        """Take queued rows up to the batch budget; drop the dead on the way."""
+        """Take queued rows up to the batch budget, highest priority first; drop the dead on the way."""
         entries: Entries = []
-        queue = self._queue
         now = self._loop.time()
         room = self._max_batch_size
-        while queue and room > 0:
-            request = queue[0]
-            if request.future.done() or request.deadline <= now:
-                queue.popleft()
-                self._queued_rows -= len(request.rows) - request.taken
-                _expire(request.future)
-                continue
-            start = request.taken
-            stop = min(len(request.rows), start + room)
-            self._queued_rows -= stop - start
-            request.taken = stop
-            if stop == len(request.rows):
-                queue.popleft()
-            entries.append((request, start, stop))
-            room -= stop - start
+        for queue in self._queues:
+            while queue and room > 0:
+                request = queue[0]
+                if request.future.done() or request.deadline <= now:
+                    queue.popleft()
+                    self._forget(request)
+                    _expire(request.future)
+                    continue
+                start = request.taken
+                stop = min(len(request.rows), start + room)
+                self._queued_rows -= stop - start
+                self._rows_at[request.priority] -= stop - start
+                request.taken = stop
+                if stop == len(request.rows):
+                    queue.popleft()
+                    self._waiting -= 1
+                entries.append((request, start, stop))
+                room -= stop - start
         return entries
 
     def _dispatch(self, entries: Entries) -> None:
@@ -348,7 +404,7 @@ class Batcher:
         except Exception as exc:
             log.exception("%s: a batch failed outside the model", self._name)
             _fail(batch.entries, PredictionFailed(f"batch failed: {type(exc).__name__}: {exc}"))
-        if self._queue and not self._closed:
+        if self._waiting and not self._closed:
             if self._flush is not None:
                 self._flush.cancel()
             self._send_batches()
@@ -369,7 +425,7 @@ class Batcher:
 
     def _note_idle(self) -> None:
         assert self._idle is not None
-        if not self._queue and not self._running and not self._idle.done():
+        if not self._waiting and not self._running and not self._idle.done():
             self._idle.set_result(None)
 
     async def drain(self, timeout_s: float, why: str) -> None:
@@ -427,9 +483,11 @@ class Batcher:
         for handle in (self._sweep, self._flush):
             if handle is not None:
                 handle.cancel()
-        unsent = list(self._queue)
-        self._queue.clear()
-        self._queued_rows = 0
+        unsent = list(self._queued())
+        for queue in self._queues:
+            queue.clear()
+        self._waiting = self._queued_rows = 0
+        self._rows_at = [0] * len(PRIORITIES)
         for request in unsent:
             if not request.future.done():
                 request.future.set_exception(ShuttingDown("the server shut down before this request ran"))

@@ -631,7 +631,7 @@ class ControlPlane:
         served.state, served.error = "loading", None
         started = time.perf_counter()
         try:
-            times = await self._pool.load(spec, sorted({1, knobs.max_batch_size}))
+            times = await self._pool.load(spec, sorted({1, knobs.max_batch_size}), knobs.max_compute_s)
         except PredictionFailed as exc:
             served.state, served.error = "failed", str(exc)
             log.error("loading %s failed: %s", spec.key, exc)
@@ -716,6 +716,7 @@ class ControlPlane:
             metrics.source_checks.set({"model": model, "result": result}, count)
         metrics.workers_live.set({}, self._pool.live_workers)
         metrics.worker_restarts.set({}, self._pool.restart_count)
+        metrics.workers_hung.set({}, self._pool.hung_count)
 
 
 def _version_key(spec: ModelSpec) -> tuple[str, tuple[tuple[int, int | str], ...]]:

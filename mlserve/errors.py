@@ -92,6 +92,10 @@ class DeadlineExceeded(MlserveError):
     """The request's deadline passed before its result arrived."""
 
 
+class ComputeTimedOut(DeadlineExceeded):
+    """The model computed the batch for longer than its ``max_compute_s``; its worker was replaced."""
+
+
 class ShuttingDown(MlserveError):
     """The server is stopping and no longer takes work; another replica may."""
 
@@ -99,7 +103,8 @@ class ShuttingDown(MlserveError):
 
 
 class WorkerUnavailable(MlserveError):
-    """No worker could run the batch (its worker died twice, or none is alive)."""
+    """No worker could run the batch (none is alive, or the batch killed two workers in a row and is
+    not tried on a third)."""
 
     retry_after_s = 1
 

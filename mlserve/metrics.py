@@ -125,6 +125,9 @@ class Metrics:
         self.queue_depth = self._gauge("mlserve_queue_depth", "Requests waiting in a batcher's queue.")
         self.workers_live = self._gauge("mlserve_workers_live", "Worker processes alive and serving.")
         self.worker_restarts = self._gauge("mlserve_worker_restarts", "Worker processes restarted since start.")
+        self.workers_hung = self._gauge(
+            "mlserve_workers_hung", "Workers killed because a batch ran past its max_compute_s, since start."
+        )
         self.model_info = self._gauge(
             "mlserve_model_info", "1 for each known model version, labelled with its state and whether it is active."
         )

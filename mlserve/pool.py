@@ -3,7 +3,13 @@
 Each worker has its own socket, read in the parent by an asyncio protocol, so results resolve on the
 event loop without threads or blocking calls. A worker's death shows at once as end-of-file on its socket:
 its in-flight batches are retried once on another worker (or fail with ``WorkerUnavailable``) and a
-replacement is started and given every loaded model before it takes work.
+replacement is started and given every loaded model before it takes work. A batch that kills the
+worker it is retried on too is a poison batch: it fails rather than killing a third.
+
+A model that hangs shows as no reply: a watchdog looks a few times a second at the batch each
+worker is computing (the oldest it has been sent; a worker computes them in order) and, once one has
+run past its version's ``max_compute_s``, fails that batch's callers (``ComputeTimedOut``, 504) and
+kills the worker; its other batches are retried elsewhere and it is replaced as if it had died.
 """
 
 from __future__ import annotations
@@ -12,6 +18,7 @@ import asyncio
 import functools
 import itertools
 import logging
+import math
 import multiprocessing
 import pickle
 import socket
@@ -22,7 +29,7 @@ import numpy as np
 
 from mlserve import ipc
 from mlserve import worker as worker_main
-from mlserve.errors import PredictionFailed, QueueFull, WorkerUnavailable
+from mlserve.errors import ComputeTimedOut, PredictionFailed, QueueFull, WorkerUnavailable
 from mlserve.repository import ModelSpec
 from mlserve.settings import WorkerOptions
 
@@ -39,6 +46,9 @@ OnReply = Callable[[int, Any, float], None]
 """Hears a call's reply: ``(status, payload, compute seconds)``; ``STATUS_DIED`` if the worker died first."""
 
 STATUS_DIED = -1
+STATUS_HUNG = -2
+WATCH_INTERVAL_S = 0.25
+"""How often the watchdog looks for a batch past its ``max_compute_s``."""
 BACKGROUND_PENALTY = 1_000
 """How many batches of its own a worker counts a background batch as, when batches pick a worker."""
 
@@ -50,6 +60,8 @@ def _settle(future: asyncio.Future[tuple[Any, float]], status: int, payload: Any
         future.set_result((payload, compute_s))
     elif status == STATUS_DIED:
         future.set_exception(WorkerDied(payload))
+    elif status == STATUS_HUNG:
+        future.set_exception(ComputeTimedOut(payload))
     else:
         future.set_exception(PredictionFailed(payload))
 
@@ -66,6 +78,11 @@ class _Worker(asyncio.Protocol):
         self.process = process
         self.pid: int = process.pid
         self.pending: dict[int, OnReply] = {}
+        self.batches: dict[int, str] = {}
+        """The model key of each batch in ``pending`` (loads and unloads have none)."""
+        self.busy_since = 0.0
+        """When the oldest call in ``pending`` started to run: its send or the reply before it."""
+        self._clock = asyncio.get_running_loop().time
         self.background = 0
         """Batches in ``pending`` that no client waits for (shadow copies): others avoid this worker."""
         self.loaded: set[str] = set()
@@ -74,10 +91,15 @@ class _Worker(asyncio.Protocol):
         self._on_exit = on_exit
         self._buffer = bytearray()
 
-    def send(self, message: ipc.Message, on_reply: OnReply) -> None:
+    def send(self, message: ipc.Message, on_reply: OnReply, key: str | None = None) -> None:
+        """Send a call; ``key`` names the model of a batch, which the hang watchdog then watches."""
         if not self.alive or self.transport is None:
             raise WorkerDied(f"worker {self.index} is gone")
+        if not self.pending:
+            self.busy_since = self._clock()
         self.pending[message.id] = on_reply
+        if key is not None:
+            self.batches[message.id] = key
         self.transport.write(ipc.frame(message))
 
     async def call(self, message: ipc.Message) -> tuple[Any, float]:
@@ -104,18 +126,37 @@ class _Worker(asyncio.Protocol):
                     break
                 reply: ipc.Reply = pickle.loads(view[start + header : end])
                 on_reply = self.pending.pop(reply.id, None)
+                self.batches.pop(reply.id, None)
                 if on_reply is not None:
                     on_reply(reply.status, reply.payload, reply.compute_s)
                 start = end
+        if start:
+            self.busy_since = self._clock()
         del buffer[:start]
 
     def connection_lost(self, exc: Exception | None) -> None:
+        if self.alive:
+            self.lost(f"worker {self.index} (pid {self.pid}) died")
+
+    def lost(self, why: str) -> None:
         """Leave the pool first, then tell every caller: a retry must not pick this worker again."""
         self.alive = False
         self._on_exit(self)
         pending, self.pending = self.pending, {}
+        self.batches.clear()
         for on_reply in pending.values():
-            on_reply(STATUS_DIED, f"worker {self.index} (pid {self.pid}) died", 0.0)
+            on_reply(STATUS_DIED, why, 0.0)
+
+    def hung(self, now: float, limits: dict[str, float]) -> tuple[int, str, float] | None:
+        """The batch this worker computes, its key and its limit, if it has run past the limit."""
+        if not self.pending:
+            return None
+        head = next(iter(self.pending))
+        key = self.batches.get(head)
+        if key is None:
+            return None  # a load or an unload: bounded by their own timeouts
+        limit = limits.get(key, math.inf)
+        return (head, key, limit) if now - self.busy_since > limit else None
 
     def close(self) -> None:
         if self.transport is not None:
@@ -133,8 +174,13 @@ class WorkerPool:
         self._specs: dict[str, tuple[ModelSpec, list[int]]] = {}
         self._ids = itertools.count(1)
         self._restarts: set[asyncio.Task[None]] = set()
+        self._limits: dict[str, float] = {}
+        """Each loaded key's ``max_compute_s``."""
+        self._watchdog: asyncio.Task[None] | None = None
         self._closing = False
         self.restart_count = 0
+        self.hung_count = 0
+        """Workers killed because a batch ran past its ``max_compute_s``."""
 
     @property
     def live_workers(self) -> int:
@@ -152,6 +198,31 @@ class WorkerPool:
         if failure is not None:
             await self.close()
             raise failure
+        self._watchdog = asyncio.get_running_loop().create_task(self._watch())
+
+    async def _watch(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            await asyncio.sleep(WATCH_INTERVAL_S)
+            now = loop.time()
+            for worker in list(self._live):
+                found = worker.hung(now, self._limits)
+                if found is not None:
+                    self._kill_hung(worker, *found)
+
+    def _kill_hung(self, worker: _Worker, head: int, key: str, limit: float) -> None:
+        """Fail the batch that hangs (it is not retried: it would hang another worker), then kill its
+        worker; the batches queued behind it are retried on the others and the worker is replaced."""
+        log.error("worker %d (pid %s) computed a batch of %s for longer than max_compute_s (%gs); killing it",
+                  worker.index, worker.pid, key, limit)
+        self.hung_count += 1
+        on_reply = worker.pending.pop(head)
+        worker.batches.pop(head, None)
+        on_reply(STATUS_HUNG, f"the model computed a batch of {key} for longer than max_compute_s ({limit:g}s); "
+                 "its worker was replaced", 0.0)
+        worker.process.kill()
+        worker.lost(f"worker {worker.index} (pid {worker.pid}) was killed: a batch of {key} hung")
+        worker.close()
 
     async def _spawn(self, index: int) -> _Worker:
         parent_sock, child_sock = socket.socketpair()
@@ -236,13 +307,15 @@ class WorkerPool:
                 await worker.call(ipc.Load(next(self._ids), *entry))
                 worker.loaded.add(key)
 
-    async def load(self, spec: ModelSpec, warmup_rows: list[int]) -> ipc.LoadTimes:
+    async def load(self, spec: ModelSpec, warmup_rows: list[int], max_compute_s: float = math.inf) -> ipc.LoadTimes:
         """Load and warm ``spec`` on every worker; it may be used only once this returns.
 
         Returns the slowest worker's times. If any worker fails, the others drop the model again, so
-        a failed load leaves nothing behind.
+        a failed load leaves nothing behind. A batch of it that computes past ``max_compute_s`` is
+        failed and its worker killed.
         """
         self._specs[spec.key] = (spec, warmup_rows)
+        self._limits[spec.key] = max_compute_s
         workers = list(self._live)
         results = await asyncio.gather(
             *(w.call(ipc.Load(next(self._ids), spec, warmup_rows)) for w in workers),
@@ -261,6 +334,7 @@ class WorkerPool:
 
     async def unload(self, key: str) -> None:
         self._specs.pop(key, None)
+        self._limits.pop(key, None)
         workers = list(self._live)
         await asyncio.gather(*(w.call(ipc.Unload(next(self._ids), key)) for w in workers), return_exceptions=True)
         for w in workers:
@@ -294,7 +368,7 @@ class WorkerPool:
             else:
                 _settle(result, status, payload, compute_s)
 
-        worker.send(ipc.Predict(next(self._ids), key, rows), on_reply)
+        worker.send(ipc.Predict(next(self._ids), key, rows), on_reply, key)
         worker.background += 1
         return result
 
@@ -307,11 +381,14 @@ class WorkerPool:
             elif retries:
                 self._send_batch(key, rows, result, retries - 1)
             else:
-                result.set_exception(WorkerUnavailable(f"the workers running a batch of {key} died; try again"))
+                result.set_exception(WorkerUnavailable(
+                    f"a batch of {key} killed the worker it ran on and the one it was retried on; it is not tried "
+                    f"on another (a poison input, or a model out of memory?): {payload}"
+                ))
 
         try:
             worker = self._pick(key)
-            worker.send(ipc.Predict(next(self._ids), key, rows), on_reply)
+            worker.send(ipc.Predict(next(self._ids), key, rows), on_reply, key)
         except WorkerUnavailable as exc:
             result.set_exception(exc)
         except WorkerDied as exc:
@@ -333,7 +410,7 @@ class WorkerPool:
     async def close(self, timeout_s: float = 10.0) -> None:
         """Stop every worker: close its socket (it exits on end-of-file), then kill stragglers."""
         self._closing = True
-        for task in list(self._restarts):
+        for task in [*self._restarts, *([self._watchdog] if self._watchdog else [])]:
             task.cancel()
         workers = list(self._workers.values())
         for w in workers:

@@ -8,12 +8,13 @@ control plane changes what the registry holds; this module only reads it.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Awaitable
 from typing import Literal
 
 import msgspec
 
-from mlserve.batcher import BatchResult, Rows
+from mlserve.batcher import NORMAL, BatchResult, Rows
 from mlserve.cache import PredictionCache
 from mlserve.errors import ModelNotReady
 from mlserve.experiments import Experiment, Shadow
@@ -42,6 +43,8 @@ class Call(msgspec.Struct, gc=False):
     """Who is calling (a user id), for sticky experiment arms; read only while experiments run."""
     fresh: bool = False
     """Skip the cache lookup (``Cache-Control: no-cache``); the answer is still stored."""
+    priority: int | None = None
+    """``batcher.HIGH``, ``NORMAL`` or ``LOW``; None until the handler reads it (``NORMAL`` by default)."""
     variant: str | None = None
     """Set by ``route`` when an experiment chose the version: that version."""
     shadow: Shadow | None = None
@@ -95,11 +98,13 @@ class ModelService:
         if batcher is None:  # unloaded since it was routed
             raise not_ready(served)
         view = served.cache
+        priority = NORMAL if call.priority is None else call.priority
         answer: Awaitable[BatchResult]
         if view is None:
-            answer = batcher.submit(call.rows, call.timeout_s)
+            answer = batcher.submit(call.rows, call.timeout_s, None, priority)
         else:
-            answer = self._cache.answer(view, call.rows, call.fresh, batcher.submit, call.timeout_s)
+            submit = batcher.submit if priority == NORMAL else functools.partial(batcher.submit, priority=priority)
+            answer = self._cache.answer(view, call.rows, call.fresh, submit, call.timeout_s)
         if call.shadow is None:
             return answer
         return self.shadow.follow(served, call.shadow, call.rows, call.timeout_s, answer)

@@ -12,7 +12,7 @@ from collections.abc import Callable
 import numpy as np
 import pytest
 
-from mlserve.batcher import Batcher, BatchResult
+from mlserve.batcher import HIGH, LOW, NORMAL, Batcher, BatchResult
 from mlserve.errors import DeadlineExceeded, Overloaded, PredictionFailed, QueueFull, ShuttingDown
 
 
@@ -471,3 +471,59 @@ async def test_with_queue_admission_the_same_flood_waits_and_times_out() -> None
     refused, taken = await flood(admit_by_deadline=False)
     assert not refused
     assert any(isinstance(future.exception(), DeadlineExceeded) for future in taken)
+
+
+async def test_batches_take_high_before_normal_before_low_whatever_the_arrival_order() -> None:
+    runner = GatedRunner(gated=True)
+    batcher = make(runner, max_batch_size=2)
+    blocker = await occupy_slot(batcher, runner)
+    arrivals = [(1, LOW), (2, NORMAL), (3, HIGH), (4, LOW), (5, HIGH), (6, NORMAL)]
+    queued = [batcher.submit(rows(value), within(), None, level) for value, level in arrivals]
+    assert batcher.queue_depth == 6
+    runner.gate.set()
+    await asyncio.wait_for(asyncio.gather(blocker, *queued), 5)
+    assert [batch[:, 0].tolist() for batch in runner.batches[1:]] == [[3, 5], [2, 6], [1, 4]]
+    assert [future.result().values for future in queued] == [[v * 10.0] for v, _ in arrivals]
+    await batcher.close()
+
+
+async def test_a_full_queue_evicts_the_newest_lower_priority_request_for_a_higher_one() -> None:
+    runner = GatedRunner(gated=True)
+    batcher = make(runner, max_queue=3)
+    blocker = await occupy_slot(batcher, runner)
+    low_old, low_new = (batcher.submit(rows(v), within(), None, LOW) for v in (1, 2))
+    normal = batcher.submit(rows(3), within())
+    high = batcher.submit(rows(4), within(), None, HIGH)  # full: the newest low request makes way
+    assert isinstance(low_new.exception(), Overloaded) and low_new.exception().retry_after_s == 1
+    assert "higher priority" in str(low_new.exception())
+    with pytest.raises(QueueFull):
+        batcher.submit(rows(5), within(), None, LOW)  # nothing below low to evict
+    batcher.submit(rows(6), within()).cancel()  # a normal call evicts the last low one, then hangs up
+    assert isinstance(low_old.exception(), Overloaded)
+    runner.gate.set()
+    await asyncio.wait_for(asyncio.gather(blocker, normal, high), 5)
+    assert high.result().values == [40.0] and normal.result().values == [30.0]
+    await batcher.close()
+
+
+async def test_under_overload_admission_sheds_low_priority_and_takes_high() -> None:
+    """The rows of lower priority queued ahead do not count against a higher one: it is taken (and
+    answered in time) where a low one behind the same queue is refused."""
+    batcher = Batcher(TimedRunner(0.05), max_batch_size=2, max_delay_ms=0, max_queue=100, max_inflight=1,
+                      admit_by_deadline=True)
+    for value in range(3):
+        await batcher.submit(rows(value), within())
+    low: list[asyncio.Future[BatchResult]] = []
+    refused_low = 0
+    for value in range(40):
+        try:
+            low.append(batcher.submit(rows(value), 0.3, None, LOW))
+        except Overloaded:
+            refused_low += 1
+    high = [batcher.submit(rows(100 + value), 0.3, None, HIGH) for value in range(3)]
+    with pytest.raises(Overloaded):
+        batcher.submit(rows(99), 0.3, None, LOW)
+    await asyncio.wait(high + low, timeout=5)
+    assert refused_low and low, "some low calls are taken, the rest refused"
+    assert [future.result().values for future in high] == [[(100 + v) * 10.0] for v in range(3)]
+    await batcher.close()

@@ -36,7 +36,7 @@ from serverproc import (
     scrape,
     wait_group_gone,
 )
-from testmodels import CRASH_VALUE, CrashingModel, SlowLoadingModel, SlowModel, write_model
+from testmodels import CRASH_VALUE, HANG_VALUE, CrashingModel, HangingModel, SlowLoadingModel, SlowModel, write_model
 
 RECOVERY_S = 30.0
 """How long a restarted worker may take to come back and serve."""
@@ -166,7 +166,7 @@ async def test_crashing_request_is_503_and_workers_come_back(
     """A row that kills its worker kills the retry's worker too: 503, not a hang; then both restart."""
     server = start_server(models_with(tmp_path, "crashy", CrashingModel(0.0)))
     crash = await asyncio.wait_for(predict(http, server, [CRASH_VALUE, 0, 0, 0]), timeout=RECOVERY_S)
-    assert_error(crash, 503)
+    assert "not tried on another" in assert_error(crash, 503), "a poison batch is named, not retried forever"
 
     async def answered() -> bool:
         reply = await predict(http, server, [2.0, 0, 0, 0])
@@ -185,6 +185,43 @@ async def test_crashing_request_is_503_and_workers_come_back(
     metrics = await scrape(http, server)
     assert metrics.value("mlserve_worker_restarts") == 2 and metrics.value("mlserve_workers_live") == 2
     assert len(server.worker_pids()) == 2
+
+
+async def test_a_batch_past_max_compute_s_is_504_and_its_worker_replaced_while_the_others_serve(
+    http: aiohttp.ClientSession, start_server: Callable[..., ServerProc], tmp_path: Path
+) -> None:
+    """A model that hangs: its caller gets 504 once the batch has run max_compute_s (long before the
+    request's own deadline), the stuck worker is killed and replaced, and the other one serves
+    throughout."""
+    models = tmp_path / "models"
+    write_model(models, "stuck", "v1", HangingModel(0.0), batching={"max_compute_s": 1.0, "overlap_after_ms": 0})
+    server = start_server(models)
+    victim_pids = server.worker_pids()
+    started = time.monotonic()
+    hung = asyncio.create_task(predict(http, server, [HANG_VALUE, 0, 0, 0]))
+
+    async def stuck() -> bool:
+        return await metric(http, server, "mlserve_batch_size_sum") == 1
+
+    await poll(stuck, timeout_s=RECOVERY_S, what="the hanging batch to be dispatched")
+    for x in (1.0, 2.0, 3.0):  # answered by the other worker while one hangs
+        doubled(await asyncio.wait_for(predict(http, server, [x, 0, 0, 0]), 0.9), x)
+    reply = await asyncio.wait_for(hung, RECOVERY_S)
+    assert "max_compute_s" in assert_error(reply, 504)
+    assert 1.0 <= time.monotonic() - started < 5.0, "killed after max_compute_s, not at the 10 s deadline"
+
+    async def replaced() -> bool:
+        pids = server.worker_pids()
+        return len(pids) == 2 and len(set(pids) - set(victim_pids)) == 1 and await metric(
+            http, server, "mlserve_workers_live") == 2
+
+    await poll(replaced, timeout_s=RECOVERY_S, what="a new worker in place of the hung one")
+    metrics = await scrape(http, server)
+    assert metrics.value("mlserve_workers_hung") == 1 and metrics.value("mlserve_worker_restarts") == 1
+    calls = await one_batch_per_worker(http, server, [5.0, 6.0])
+    for x, answer in zip([5.0, 6.0], await asyncio.gather(*calls), strict=True):
+        doubled(answer, x)
+    assert "max_compute_s" in server.log()
 
 
 async def test_sigkilled_worker_is_replaced_and_its_caller_answered(

@@ -1,5 +1,5 @@
 """Overload through a real server: a call that cannot meet its deadline behind the queue is refused at
-once with 429 and a Retry-After, not queued to time out with 504."""
+once with 429 and a Retry-After, not queued to time out with 504; high-priority calls go first."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from pathlib import Path
 
 import aiohttp
 
-from serverproc import ServerProc, assert_ok, call, predict
+from serverproc import Reply, ServerProc, assert_error, assert_ok, call, predict
 from testmodels import SlowModel, write_model
 
 StartServer = Callable[..., ServerProc]
@@ -65,3 +65,51 @@ async def test_queue_admission_keeps_the_old_behaviour_waiting_and_timing_out(
     server = start_server(slow_models(tmp_path), env={"MLSERVE_WORKERS": "1", "MLSERVE_ADMISSION": "queue"})
     statuses = [status for status, _, _, _ in await flood(http, server)]
     assert 429 not in statuses and 504 in statuses, statuses
+
+
+async def test_high_priority_calls_jump_a_low_priority_backlog_and_the_low_ones_are_shed(
+    http: aiohttp.ClientSession, start_server: StartServer, tmp_path: Path
+) -> None:
+    """30 low-priority calls with 1 s deadlines fill about a second of queue (the rest are refused);
+    then high-priority calls with 400 ms deadlines, by ``X-Priority`` and by the v2 ``priority``
+    parameter (Triton's level 1): each is taken and answered in time, ahead of the backlog."""
+    server = start_server(slow_models(tmp_path), env={"MLSERVE_WORKERS": "1"})
+    await asyncio.gather(*(call(http, "GET", server.url("/health/live")) for _ in range(CALLS)))
+    for n in range(3):
+        assert_ok(await predict(http, server, [float(n), 0, 0, 0], model="slow"))
+
+    async def low(n: int) -> Reply:
+        return await call(http, "POST", server.url("/predict"), json_body={"model": "slow", "features": [n, 0, 0, 0]},
+                          headers={"X-Request-Timeout-Ms": "1000", "X-Priority": "low"})
+
+    async def high(n: int) -> tuple[Reply, float]:
+        started = time.perf_counter()
+        headers = {"X-Request-Timeout-Ms": str(DEADLINE_MS)}
+        if n % 2:
+            infer = {"inputs": [{"name": "input-0", "datatype": "FP64", "shape": [1, 4], "data": [n, 0, 0, 0]}],
+                     "parameters": {"priority": 1}}
+            reply = await call(http, "POST", server.url("/v2/models/slow/infer"), json_body=infer, headers=headers)
+        else:
+            reply = await call(http, "POST", server.url("/predict"), json_body={"model": "slow", "features": [n, 0, 0, 0]},
+                               headers=headers | {"X-Priority": "high"})
+        return reply, time.perf_counter() - started
+
+    backlog = [asyncio.create_task(low(n)) for n in range(30)]
+    await asyncio.sleep(0.15)
+    urgent = await asyncio.gather(*(high(n) for n in range(4)))
+    for reply, latency in urgent:
+        assert_ok(reply)
+        assert latency < DEADLINE_MS / 1000, f"a high-priority call took {latency:.3f}s"
+    statuses = [reply.status for reply in await asyncio.gather(*backlog)]
+    assert 429 in statuses and 200 in statuses and set(statuses) <= {200, 429, 504}, statuses
+
+
+async def test_an_unknown_priority_is_a_clear_client_error(http: aiohttp.ClientSession, iris: ServerProc) -> None:
+    body = {"features": [5.1, 3.5, 1.4, 0.2]}
+    reply = await call(http, "POST", iris.url("/predict"), json_body=body, headers={"X-Priority": "urgent"})
+    assert "X-Priority" in assert_error(reply, 400)
+    infer = {"inputs": [{"name": "features", "datatype": "FP64", "shape": [1, 4], "data": [5.1, 3.5, 1.4, 0.2]}],
+             "parameters": {"priority": "urgent"}}
+    reply = await call(http, "POST", iris.url("/v2/models/iris_classifier/infer"), json_body=infer)
+    assert_error(reply, 422, path="$.parameters.priority")
+    assert_ok(await call(http, "POST", iris.url("/predict"), json_body=body, headers={"X-Priority": "High"}))

@@ -18,6 +18,7 @@ import numpy as np
 from mlserve.runtimes import sklearn as sklearn_runtime
 
 CRASH_VALUE = -999.0
+HANG_VALUE = -777.0
 
 
 class SlowModel:
@@ -59,6 +60,15 @@ class CrashingModel(SlowModel):
     def predict(self, batch: np.ndarray) -> np.ndarray:
         if (batch[:, 0] == CRASH_VALUE).any():
             os._exit(17)
+        return super().predict(batch)
+
+
+class HangingModel(SlowModel):
+    """Never returns when a row's first feature is ``HANG_VALUE`` (a model stuck in a loop or a lock)."""
+
+    def predict(self, batch: np.ndarray) -> np.ndarray:
+        if (batch[:, 0] == HANG_VALUE).any():
+            time.sleep(3600)
         return super().predict(batch)
 
 

@@ -49,6 +49,7 @@ STATUS: dict[type[errors.MlserveError], int] = {
     errors.RegistryUnavailable: 503,
     errors.WorkerUnavailable: 503,
     errors.DeadlineExceeded: 504,
+    errors.ComputeTimedOut: 504,
 }
 UNKNOWN_FIELD = re.compile(r"Object contains unknown field `([^`]*)`")
 CLIENT_CLOSED_REQUEST = 499

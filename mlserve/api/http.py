@@ -11,10 +11,11 @@ from aiohttp import web
 from mlserve import schemas
 from mlserve.api.errors import validation_path
 from mlserve.api.keys import SETTINGS
-from mlserve.batcher import BatchResult
+from mlserve.batcher import NORMAL, PRIORITIES, BatchResult
 from mlserve.errors import BadRequest, ValidationFailed
 
 TIMEOUT_HEADER = "X-Request-Timeout-Ms"
+PRIORITY_HEADER = "X-Priority"
 USER_HEADER = "X-User-ID"
 VARIANT_HEADER = "X-Variant"
 JSON = "application/json"
@@ -76,3 +77,14 @@ def timeout(request: web.Request) -> float:
             raise BadRequest(f"{TIMEOUT_HEADER} must be a positive number of milliseconds, got {raw!r}")
         timeout_s = min(timeout_s, asked / 1000.0)
     return timeout_s
+
+
+def priority(request: web.Request) -> int:
+    """The call's priority from ``X-Priority`` (``high``, ``normal`` or ``low``); normal without one."""
+    raw = request.headers.get(PRIORITY_HEADER)
+    if raw is None:
+        return NORMAL
+    level = PRIORITIES.get(raw.strip().lower())
+    if level is None:
+        raise BadRequest(f"{PRIORITY_HEADER} must be high, normal or low, got {raw!r}")
+    return level

@@ -16,7 +16,7 @@ from aiohttp import web
 
 from mlserve import schemas
 from mlserve.api.errors import ErrorEncoder, Handler, MeteredHandler, json_error, metered
-from mlserve.api.http import VARIANT_HEADER, decode, mark_cached, respond, timeout, user_key, wants_fresh
+from mlserve.api.http import VARIANT_HEADER, decode, mark_cached, priority, respond, timeout, user_key, wants_fresh
 from mlserve.api.logged import logged
 from mlserve.api.keys import CALL, PREDICTION_LOG, RESULT, SERVED, SERVICE, SETTINGS
 from mlserve.api.routedoc import RouteDoc
@@ -116,6 +116,8 @@ def computed(request: web.Request, served: ServedVersion, call: Call) -> Awaitab
     """``call``'s validated rows sent to ``served``: the service's own awaitable, not a coroutine layer."""
     if served.cache is not None:
         call.fresh = wants_fresh(request)
+    if call.priority is None:
+        call.priority = priority(request)
     return request.app[SERVICE].predict(served, call)
 
 

@@ -45,6 +45,7 @@ from mlserve.api.http import decode, json_kind, respond, timeout
 from mlserve.api.keys import CONTROL, REGISTRY, RESULT, SETTINGS
 from mlserve.api.predict import add_prediction_route, answered, checked_rows, computed, counted, routed
 from mlserve.api.routedoc import RouteDoc
+from mlserve.batcher import HIGH, LOW, NORMAL, PRIORITIES
 from mlserve.control import VersionState
 from mlserve.errors import BadRequest, MlserveError, ModelNotReady, PayloadTooLarge, ValidationFailed
 from mlserve.metrics import RequestRecorder
@@ -450,6 +451,17 @@ def requested(infer: InferRequest[Any], names: tuple[str, ...], served: ServedVe
     return chosen
 
 
+def _priority(value: Any) -> int:
+    """The request's ``priority`` parameter: ``high``, ``normal`` or ``low``, or Triton's whole number
+    (1 is the highest level, 0 the default; with three levels, 3 and beyond are low)."""
+    if type(value) is str and value.lower() in PRIORITIES:
+        return PRIORITIES[value.lower()]
+    if type(value) is int and value >= 0:
+        return (NORMAL, HIGH, NORMAL)[value] if value < 3 else LOW
+    raise ValidationFailed("priority must be high, normal or low, or a level from 0 (the default) and 1 (the highest)",
+                           "$.parameters.priority")
+
+
 def _flag(parameters: dict[str, Any], name: str, where: str, default: bool = False) -> bool:
     value = parameters.get(name, default)
     if type(value) is not bool:
@@ -548,6 +560,8 @@ async def v2_infer(request: web.Request) -> tuple[web.Response, RequestRecorder]
     call = Call(match["name"], match.get("version"), [], "features", timeout(request))
     served = routed(request, call)
     infer, typed, binary = parsed(await request.read(), request.headers.get(HEADER_LENGTH))
+    if infer.parameters and "priority" in infer.parameters:
+        call.priority = _priority(infer.parameters["priority"])
     if served.takes_images:
         call.inputs = "image"
         call.rows, _ = call_rows(infer, typed, binary, served, request.app[SETTINGS])
