@@ -151,6 +151,7 @@ class WorkerOptions(msgspec.Struct, frozen=True):
     threads: int = 1
     device: Device = "auto"
     max_image_pixels: int = 4096 * 4096
+    max_memory_mb: int = 0
 
 
 class Settings(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
@@ -163,6 +164,9 @@ class Settings(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     worker_threads: PositiveInt = 1
     """Threads each worker gives torch/BLAS/OpenMP, so N workers never oversubscribe the cores."""
     worker_start_timeout_s: PositiveFloat = 120.0
+    worker_max_memory_mb: Annotated[int, msgspec.Meta(ge=0)] = 0
+    """The heap one worker may take (its models and the batches they compute); 0: no limit. A batch
+    that would take more fails with 500 and the worker serves on."""
     device: Device = "auto"
     """Where torch models run: ``auto`` takes a CUDA device when one is present, else the CPU."""
     default_model: str | None = None
@@ -273,7 +277,10 @@ class Settings(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
 
     @property
     def worker_options(self) -> WorkerOptions:
-        return WorkerOptions(threads=self.worker_threads, device=self.device, max_image_pixels=self.max_image_pixels)
+        return WorkerOptions(
+            threads=self.worker_threads, device=self.device, max_image_pixels=self.max_image_pixels,
+            max_memory_mb=self.worker_max_memory_mb,
+        )
 
     def batching_for(self, model: str, declared: Mapping[str, Any]) -> BatchingSettings:
         """Merge the server defaults, the model's declared knobs and the operator's overrides."""

@@ -7,6 +7,7 @@ parent decides when it stops, by closing the socket, after it has drained in-fli
 from __future__ import annotations
 
 import os
+import resource
 import signal
 import socket
 import time
@@ -35,6 +36,16 @@ def _limit_threads(threads: int) -> None:
     from threadpoolctl import threadpool_limits
 
     threadpool_limits(threads)
+
+
+def _limit_memory(megabytes: int) -> None:
+    """Cap the worker's heap (``RLIMIT_DATA``: private writable memory, which is what arrays and
+    tensors take), so a batch that would exhaust memory raises ``MemoryError`` in this worker and
+    fails alone, instead of the kernel's OOM killer choosing a victim, possibly the front end.
+    Address-space reservations that are never written (torch's) do not count, unlike ``RLIMIT_AS``."""
+    if megabytes:
+        _, hard = resource.getrlimit(resource.RLIMIT_DATA)
+        resource.setrlimit(resource.RLIMIT_DATA, (megabytes << 20, hard))
 
 
 def _warmup_input(spec: ModelSpec, rows: int) -> Any:
@@ -102,6 +113,7 @@ def main(sock: socket.socket, options: WorkerOptions) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     _limit_threads(options.threads)
+    _limit_memory(options.max_memory_mb)
     models = _Models(options)
     sock.sendall(ipc.frame(ipc.Reply(ipc.HELLO_ID, ipc.STATUS_OK, os.getpid(), 0.0)))
     while True:
@@ -111,6 +123,9 @@ def main(sock: socket.socket, options: WorkerOptions) -> None:
             return
         try:
             reply = ipc.frame(_handle(models, message))
+        except MemoryError:
+            why = f"the model ran out of memory: a worker may take {options.max_memory_mb} MB (worker_max_memory_mb)"
+            reply = ipc.frame(ipc.Reply(message.id, ipc.STATUS_ERROR, why, 0.0))
         except Exception as exc:  # an unpicklable result too is this call's error, not the worker's end
             reply = ipc.frame(ipc.Reply(message.id, ipc.STATUS_ERROR, f"{type(exc).__name__}: {exc}", 0.0))
         try:

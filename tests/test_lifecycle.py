@@ -36,7 +36,17 @@ from serverproc import (
     scrape,
     wait_group_gone,
 )
-from testmodels import CRASH_VALUE, HANG_VALUE, CrashingModel, HangingModel, SlowLoadingModel, SlowModel, write_model
+from testmodels import (
+    CRASH_VALUE,
+    HANG_VALUE,
+    HOG_VALUE,
+    CrashingModel,
+    HangingModel,
+    MemoryHungryModel,
+    SlowLoadingModel,
+    SlowModel,
+    write_model,
+)
 
 RECOVERY_S = 30.0
 """How long a restarted worker may take to come back and serve."""
@@ -222,6 +232,18 @@ async def test_a_batch_past_max_compute_s_is_504_and_its_worker_replaced_while_t
     for x, answer in zip([5.0, 6.0], await asyncio.gather(*calls), strict=True):
         doubled(answer, x)
     assert "max_compute_s" in server.log()
+
+
+async def test_a_batch_over_the_worker_memory_limit_fails_alone_and_the_worker_serves_on(
+    http: aiohttp.ClientSession, start_server: Callable[..., ServerProc], tmp_path: Path
+) -> None:
+    server = start_server(models_with(tmp_path, "hog", MemoryHungryModel(0.0)),
+                          env={"MLSERVE_WORKER_MAX_MEMORY_MB": "1024", "MLSERVE_WORKERS": "1"})
+    pids = server.worker_pids()
+    reply = await asyncio.wait_for(predict(http, server, [HOG_VALUE, 0, 0, 0]), RECOVERY_S)
+    assert "worker_max_memory_mb" in assert_error(reply, 500)
+    doubled(await predict(http, server, [3.0, 0, 0, 0]), 3.0)
+    assert server.worker_pids() == pids and await metric(http, server, "mlserve_worker_restarts") == 0
 
 
 async def test_sigkilled_worker_is_replaced_and_its_caller_answered(

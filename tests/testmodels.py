@@ -19,6 +19,7 @@ from mlserve.runtimes import sklearn as sklearn_runtime
 
 CRASH_VALUE = -999.0
 HANG_VALUE = -777.0
+HOG_VALUE = -555.0
 
 
 class SlowModel:
@@ -69,6 +70,15 @@ class HangingModel(SlowModel):
     def predict(self, batch: np.ndarray) -> np.ndarray:
         if (batch[:, 0] == HANG_VALUE).any():
             time.sleep(3600)
+        return super().predict(batch)
+
+
+class MemoryHungryModel(SlowModel):
+    """Asks for about 4.8 GB when a row's first feature is ``HOG_VALUE`` (a batch too big to compute)."""
+
+    def predict(self, batch: np.ndarray) -> np.ndarray:
+        if (batch[:, 0] == HOG_VALUE).any():
+            return np.ones(600_000_000)[: len(batch)]
         return super().predict(batch)
 
 
