@@ -253,9 +253,8 @@ class Batcher:
                 evicted = queue.pop()
                 self._forget(evicted)
                 if not evicted.future.done():
-                    evicted.future.set_exception(
-                        Overloaded(f"{self._name}: the queue is full and a request of higher priority took this one's place", 1)
-                    )
+                    why = f"{self._name}: the queue is full and a request of higher priority took this one's place"
+                    evicted.future.set_exception(Overloaded(why, 1))
                 return
         raise QueueFull(f"{self._name}: queue is full ({self._max_queue} requests waiting)")
 

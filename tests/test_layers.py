@@ -73,7 +73,7 @@ ALLOWED: dict[str, set[str]] = {
         "api.errors", "api.http", "api.keys", "api.predict", "api.routedoc", "errors", "metrics", "schemas", "service",
     },
     "api.v2": {
-        "api.admin", "api.errors", "api.http", "api.keys", "api.predict", "api.routedoc", "control", "errors", "metrics",
+        "api.admin", "api.errors", "api.http", "api.keys", "api.predict", "api.routedoc", "batcher", "control", "errors", "metrics",
         "registry", "service", "settings",
     },
     "app": {
