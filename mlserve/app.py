@@ -16,6 +16,7 @@ from collections.abc import AsyncIterator
 from aiohttp import web
 from aiohttp.web_runner import GracefulExit
 
+from mlserve import connections
 from mlserve.api import admin, docs, experiments, health, invocations, models, predict, v2
 from mlserve.api.errors import add_fallback_route, guard
 from mlserve.api.keys import CACHE, CONTROL, LOOP_LOAD, METRICS, POOL, PREDICTION_LOG, REGISTRY, SERVICE, SETTINGS
@@ -108,7 +109,7 @@ async def _drain_ctx(app: web.Application) -> AsyncIterator[None]:
 
 
 def _graceful_exit() -> None:
-    """What aiohttp's signal handler does: raised in a loop callback, it ends ``run_app``'s loop."""
+    """What aiohttp's signal handler does: raised in a loop callback, it ends ``connections.serve``'s loop."""
     raise GracefulExit()
 
 
@@ -176,13 +177,13 @@ def create_app(settings: Settings) -> web.Application:
 
 def run(settings: Settings) -> None:
     """Serve until SIGTERM or SIGINT, then drain and stop."""
-    web.run_app(
+    connections.serve(
         create_app(settings),
+        settings.http,
         host=settings.host,
         port=settings.port,
         access_log=logging.getLogger("aiohttp.access") if settings.access_log else None,
         shutdown_timeout=settings.shutdown_timeout_s,
         # A client that hangs up cancels its handler, so its queued rows are dropped, not computed.
         handler_cancellation=True,
-        print=lambda _: log.info("listening on http://%s:%d", settings.host, settings.port),
     )

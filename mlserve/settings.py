@@ -102,6 +102,31 @@ class CacheSettings(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     """A Redis lookup slower than this counts as a miss."""
 
 
+class HttpSettings(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
+    """Limits on client connections (``[http]``), so that thousands of idle or trickling connections
+    cannot starve real clients; see ``mlserve.connections``."""
+
+    max_header_bytes: PositiveInt = 8192
+    """The longest request line or header field (name and value); a longer one is answered 431. It
+    bounds what a client makes the server buffer before its request is even routed."""
+    keepalive_timeout_s: PositiveFloat = 75.0
+    """A connection that has not sent its next complete request head this long after its previous
+    answer (or after it was accepted) is closed. Keep it above the idle timeout of any load balancer
+    in front (AWS ALB's is 60 s): one that reuses a connection the server is just closing answers its
+    client 502."""
+    header_timeout_s: PositiveFloat = 10.0
+    """A new connection that has not sent its first complete request head this long after it was
+    accepted is closed, idle or fed a byte at a time (slowloris): a real client sends its request at
+    once, and such connections are the cheapest way to hold the server's."""
+    body_timeout_s: PositiveFloat = 60.0
+    """A request body not received in full this long after its head is answered 408 and its connection
+    closed, so a trickled body cannot hold a request open (60 s takes a 10 MiB image at 1.4 Mbit/s)."""
+    backlog: PositiveInt = 2048
+    """Connections the kernel queues until the server accepts them (capped by ``net.core.somaxconn``).
+    aiohttp's 128 overflows when hundreds connect at once, and a client whose connection attempt is
+    dropped retries only a second or more later."""
+
+
 class PredictionLogSettings(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     """The prediction log (``[prediction_log]``): one JSON line per prediction; see ``mlserve.predictionlog``."""
 
@@ -175,6 +200,8 @@ class Settings(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     """``deadline``: a request that cannot be answered within its deadline behind the rows queued ahead
     is refused at once (429 with Retry-After); ``queue``: only the bounded queue refuses (503)."""
     max_body_bytes: PositiveInt = 1 << 20
+    http: HttpSettings = HttpSettings()
+    """Limits on client connections: header size, idle and slow-client timeouts, the listen backlog."""
     max_batch_rows: PositiveInt = 1024
     """Rows one ``/predict/batch`` request may carry (413 beyond)."""
     max_image_bytes: PositiveInt = 10 << 20

@@ -77,9 +77,10 @@ ALLOWED: dict[str, set[str]] = {
         "registry", "service", "settings",
     },
     "app": {
-        "api", "api.errors", "api.keys", "api.routedoc", "cache", "control", "loopload", "metrics", "pool", "predictionlog", "registry", "service",
-        "settings", "state",
+        "api", "api.errors", "api.keys", "api.routedoc", "cache", "connections", "control", "loopload", "metrics", "pool",
+        "predictionlog", "registry", "service", "settings", "state",
     },
+    "connections": {"schemas", "settings"},
     "cli": {"app", "demo_models", "errors", "repository", "settings", "sources.bare", "sources.mlflow"},
     "": set(),
     "__main__": {"cli"},
