@@ -22,6 +22,8 @@ from collections.abc import Awaitable, Callable
 
 import msgspec
 from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError
+from aiohttp.web_protocol import RequestPayloadError
 
 from mlserve import errors
 from mlserve.api.keys import METRICS, SERVED
@@ -139,11 +141,28 @@ def validation_path(exc: msgspec.ValidationError) -> str:
     return f"{where}.{unknown.group(1)}" if unknown else where
 
 
+def from_unreadable_body(
+    request: web.Request, exc: RequestPayloadError, encode: ErrorEncoder = json_error
+) -> web.Response:
+    """A body aiohttp's payload parser refused as it was read (a ``Content-Encoding`` whose data does not
+    decode): the client's fault, a 400 naming it. The rest of the body is never read and the connection
+    closes after the answer: aiohttp would otherwise read on before the next request, meet the same
+    error, and log it with a traceback."""
+    cause = exc.__cause__
+    message = cause.message if isinstance(cause, HttpProcessingError) else str(exc)
+    request.content.feed_eof()
+    response = encode(400, f"unreadable body: {' '.join(message.split())}", None, None)
+    response.force_close()
+    return response
+
+
 def error_response(request: web.Request, exc: Exception, encode: ErrorEncoder = json_error) -> web.Response:
     if isinstance(exc, errors.MlserveError):
         return from_error(exc, encode)
     if isinstance(exc, web.HTTPException):
         return from_http_exception(exc, encode)
+    if isinstance(exc, RequestPayloadError):
+        return from_unreadable_body(request, exc, encode)
     log.error("unhandled error on %s %s", request.method, request.path, exc_info=exc)
     return encode(500, "internal server error", None, None)
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections.abc import Awaitable, Callable
 
 from aiohttp import BodyPartReader, hdrs, web
+from aiohttp.http_exceptions import BadHttpMessage
 
 from mlserve.errors import BadRequest, PayloadTooLarge, UnsupportedMediaType
 from mlserve.images import CONTENT_TYPES
@@ -52,6 +53,8 @@ async def _from_form(request: web.Request, limit: int) -> bytes:
             image = await _read_limited(part.read_chunk, limit)
     except (ValueError, AssertionError) as exc:
         raise BadRequest(f"malformed {FORM} body: {exc}") from None
+    except BadHttpMessage as exc:  # a part's headers: no colon, a bad name, too long, too many
+        raise BadRequest(f"malformed {FORM} body: {' '.join(exc.message.split())}") from None
     if image is None:
         raise BadRequest(f"the form has no field {FIELD!r}: send the image in it")
     return _non_empty(image)
