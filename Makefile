@@ -7,7 +7,7 @@ MODELS_DIR ?= models
 PEERS := .venv-peers
 KSERVE := .venv-kserve
 
-.PHONY: install models serve test bench bench-peers cluster cluster-stop clean
+.PHONY: install models serve test bench bench-peers chaos cluster cluster-stop clean
 
 install: $(STAMP)
 
@@ -41,6 +41,11 @@ $(KSERVE)/.installed:
 
 bench: $(STAMP)
 	$(BIN)/python -m benchmarks
+
+# Overload, worker kills, Redis faults, idle and slowloris connections, SIGTERM: the full chaos suite and
+# its report (a short form of it runs in `make test`, tests/test_chaos.py).
+chaos: $(STAMP)
+	$(BIN)/python -m benchmarks.chaos --out-dir benchmarks/results/chaos
 
 # MLServer 1.7.1 in a venv of its own, with our scikit-learn so it unpickles the same models.
 $(PEERS)/.installed: $(STAMP)

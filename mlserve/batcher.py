@@ -77,6 +77,10 @@ _DEADLINE_SLACK_S = 0.0005
 _RATE_WEIGHT = 0.2
 """The weight of the newest batch in the running estimates: about the last ten batches count."""
 
+ADMISSION_HEADROOM = 0.8
+"""The share of a request's time that its estimated wait may fill: the rest absorbs the jitter of
+batches and of a busy event loop, so that the requests taken meet their deadline at p99."""
+
 HIGH, NORMAL, LOW = 0, 1, 2
 """Priorities, in the order batches take them."""
 PRIORITIES = {"high": HIGH, "normal": NORMAL, "low": LOW}
@@ -269,17 +273,24 @@ class Batcher:
         """Refuse a request that would wait past its deadline behind the rows queued ahead of it: those
         of equal or higher priority, since batches take them first.
 
-        Its answer is expected one round trip after the slots have worked through the rows ahead and
-        its own; it may come sooner (batches overlap), so this errs towards taking the request.
+        Its answer is expected once a slot has come free (when every slot is busy, the first running
+        batch's rows at the measured pace), the slots have worked through the rows ahead, and its own
+        batch has made one round trip: a promise to meet the deadline, so the estimate errs towards
+        refusing.
         """
         ahead = self._queued_rows
         if priority < LOW:
             ahead -= self._rows_at[LOW]
         if priority < NORMAL:
             ahead -= self._rows_at[NORMAL]
-        rate = self._rows_per_s * self._slots
+        per_slot = self._rows_per_s
+        rate = per_slot * self._slots
         ahead_s = ahead / rate
-        if ahead_s + rows / rate + self._round_trip_s > timeout_s:
+        free_s = 0.0
+        if not self._free_slots:
+            first_done = min(batch.sent + batch.size / per_slot for batch in self._running.values())
+            free_s = max(0.0, first_done - self._loop.time())
+        if free_s + ahead_s + rows / rate + self._round_trip_s > timeout_s * ADMISSION_HEADROOM:
             raise Overloaded(
                 f"{self._name}: {ahead} rows are queued ahead, about {ahead_s:.2f}s of work; this "
                 f"request's deadline is {timeout_s:.2f}s away",

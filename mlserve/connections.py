@@ -17,6 +17,8 @@ This module adds what it lacks, none of it on the request path:
   and asyncio stops accepting for a second, so every new client waits, real or not. The soft limit
   is raised to the hard one at start.
 - **Backlog.** The listen queue holds ``backlog`` connections, not aiohttp's 128.
+- **Shutdown.** The answers in flight when the server stops listening close their connections
+  with ``Connection: close``, so no client sends a request on a connection that is closing.
 
 ``serve`` is ``web.run_app`` with this module's runner: run_app takes no runner and aiohttp's has no
 knob for the connection class, so ``LimitedRunner`` swaps in ``LimitedServer``, which makes
@@ -136,6 +138,16 @@ class LimitedServer(web.Server):
     def stop_sweeping(self) -> None:
         if self._next_sweep is not None:
             self._next_sweep.cancel()
+
+    def pre_shutdown(self) -> None:
+        """Graceful exit: each answer still to come says ``Connection: close`` before aiohttp closes its
+        connection after it. Without it a keep-alive client, told nothing, sends its next request on
+        the connection as it closes, and that request is lost unread."""
+        for handler in self.connections:
+            request = handler._current_request
+            if request is not None:
+                request._cache["keep_alive"] = False  # ``BaseRequest.keep_alive`` is reified there
+        super().pre_shutdown()
 
     def sweep(self, now: float) -> None:
         """Close each connection waiting past its deadline, counted from the first sweep that found it
