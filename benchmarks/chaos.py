@@ -39,7 +39,7 @@ from benchmarks.chaosload import (
     CROWD_DONE, CROWD_OPEN, HUNG, LOST, REFUSED, RESET, ClosedLoop, Outcome, Pool, Recorder, Traffic, closed_loop,
     offer, steady_gc,
 )
-from benchmarks.chaosmodel import MODEL, VERSION, write_repository
+from benchmarks.chaosmodel import HANG, HOG, MODEL, VERSION, write_repository
 from benchmarks.chaosreport import Check, ScenarioResult, ms, percentile, status_counts
 from benchmarks.redisserver import RedisServer
 
@@ -298,6 +298,11 @@ def answered_check(outcomes: Sequence[Outcome], allowed: set[int]) -> Check:
                  all(o.status in allowed for o in outcomes))
 
 
+def lost_check(lost: Mapping[str, int]) -> Check:
+    return Check("hung", "zero hung or lost requests", ", ".join(f"{n} {k}" for k, n in lost.items()),
+                 not any(lost.values()))
+
+
 def counts_text(counts: Mapping[str, int]) -> str:
     return ", ".join(f"{n} {status}" for status, n in counts.items()) or "no requests"
 
@@ -496,14 +501,76 @@ async def worker_kills(profile: Profile, workdir: Path) -> ScenarioResult:
         checks = [
             Check("kills", f"a worker SIGKILLed every {profile.kill_every_s:g} s for {profile.kill_s:g} s",
                   f"{kills} kills, {restarts:g} restarts", kills == rounds),
-            Check("hung", "zero hung or lost requests", ", ".join(f"{n} {k}" for k, n in lost.items()),
-                  not any(lost.values())),
+            lost_check(lost),
             answered_check(outcomes, {200, 503, 504}),
             Check("workers_back", "all workers back at the end",
                   f"not within {WORKERS_BACK_S:g} s" if back is None else f"{WORKERS} live {back:g} s after the load",
                   back is not None),
         ]
         return result("worker-kills", "worker SIGKILL", target, recorder, profile, figures, checks)
+
+
+FAULTS_DEADLINE_MS = 5000.0
+MAX_COMPUTE_S = 1.0
+WORKER_MEMORY_MB = 1024
+FAULT_SLACK_S = 1.0
+"""How long past ``max_compute_s`` a hanging batch may take to fail: the watchdog looks four times a second."""
+FAULT_EVERY_S = 2.0
+"""A hanging row, then a memory-hungry one a second later, every two seconds: a hang holds its worker for
+``max_compute_s``, so more often would keep both workers stuck and measure nothing else."""
+
+
+@scenario
+async def model_faults(profile: Profile, workdir: Path) -> ScenarioResult:
+    """A model that hangs on some rows and exhausts memory on others, one of each every 2 s under 64
+    clients: a hanging batch fails with 504 once it has run ``max_compute_s`` and its worker is replaced;
+    a batch over ``worker_max_memory_mb`` fails with 500 and its worker serves on. Nothing hangs; the
+    clients' calls are answered: 504 or 500 when they shared a batch with a faulty row, 503 when their batch
+    was queued on a hung worker and then on another one killed too."""
+    env = {"MLSERVE_BATCHING__MAX_COMPUTE_S": f"{MAX_COMPUTE_S:g}", "MLSERVE_WORKER_MAX_MEMORY_MB": str(WORKER_MEMORY_MB)}
+    async with mlserve(workdir, deadline_ms=FAULTS_DEADLINE_MS, env=env) as target:
+        recorder = Recorder()
+        pool = Pool(recorder, target.port, CLIENTS)
+        await pool.open()
+        faults = Pool(recorder, target.port, 4)
+        await faults.open()
+        url = f"{target.server.base_url}/predict"
+        hang, hog = (Traffic(kind, url, [(b"application/json", json.dumps(
+            {"features": [value, 0, 0, 0], "model": MODEL, "model_version": VERSION}).encode())])
+            for kind, value in (("hang", HANG), ("hog", HOG)))
+        clients = ClosedLoop(pool, target.traffic("clients"), CLIENTS)
+        clients.start()
+        recorder.event("faulty rows")
+        await offer(faults, [hang, hog], 2 / FAULT_EVERY_S, profile.kill_s)
+        clients.stop()
+        await asyncio.gather(*(p.settle(target.deadline_ms / 1000 + SETTLE_S) for p in (pool, faults)))
+        back = await workers_back(target, WORKERS_BACK_S)
+        hung_workers = await target.metric("mlserve_workers_hung")
+        restarts = await target.metric("mlserve_worker_restarts")
+        hangs, hogs, calls = (of_kind(recorder, kind) for kind in ("hang", "hog", "clients"))
+        hang_max = max((o.latency for o in hangs), default=0.0)
+        lost = failed(recorder.outcomes)
+        figures = {
+            "hangs": len(hangs), "hang_statuses": status_counts(hangs), "hang_max_ms": ms(hang_max),
+            "hogs": len(hogs), "hog_statuses": status_counts(hogs), "workers_hung": hung_workers,
+            "worker_restarts": restarts, "workers_back_s": back, "clients": status_counts(calls),
+            "answered_200_rps": round(sum(o.status == 200 for o in calls) / profile.kill_s), **lost,
+        }
+        checks = [
+            Check("hang_504", f"a batch that hangs fails with 504 within max_compute_s ({MAX_COMPUTE_S:g} s) + "
+                  f"{FAULT_SLACK_S:g} s", f"{counts_text(status_counts(hangs))}; slowest {ms(hang_max):g} ms",
+                  bool(hangs) and all(o.status == 504 for o in hangs) and hang_max <= MAX_COMPUTE_S + FAULT_SLACK_S),
+            Check("hung_replaced", "each hung worker killed and replaced; all workers back",
+                  f"{hung_workers:g} killed, {restarts:g} restarts, "
+                  + ("not back" if back is None else f"{WORKERS} live {back:g} s after"),
+                  hung_workers == len(hangs) == restarts and back is not None),
+            Check("hog_500", f"a batch over worker_max_memory_mb ({WORKER_MEMORY_MB}) fails alone with 500",
+                  counts_text(status_counts(hogs)), bool(hogs) and all(o.status == 500 for o in hogs)),
+            lost_check(lost),
+            answered_check(calls, {200, 500, 503, 504}),
+        ]
+        return result("model-faults", "a hanging and a memory-hungry model", target, recorder, profile, figures,
+                      checks)
 
 
 REDIS_DEADLINE_MS = 1000.0
@@ -733,6 +800,7 @@ SCENARIOS: dict[str, Scenario] = {
     "overload": overload,
     "priorities": priorities,
     "worker-kills": worker_kills,
+    "model-faults": model_faults,
     "redis": redis_faults,
     "crowd": crowd,
     "sigterm": sigterm,

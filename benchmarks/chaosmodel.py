@@ -21,15 +21,27 @@ VERSION = "v1"
 FEATURES = 4
 
 
+HANG = -777.0
+"""A row whose first feature is this never returns: a model stuck in a loop or a lock."""
+HOG = -555.0
+"""A row whose first feature is this asks for about 4.8 GB: a batch too big to compute."""
+
+
 class RowCostModel:
-    """Predicts ``2 * x[0]`` after sleeping ``per_row_s`` for every row of the batch."""
+    """Predicts ``2 * x[0]`` after sleeping ``per_row_s`` for every row of the batch; hangs on a ``HANG``
+    row and exhausts memory on a ``HOG`` row."""
 
     def __init__(self, per_row_s: float) -> None:
         self.per_row_s = per_row_s
 
     def predict(self, batch: np.ndarray) -> np.ndarray:
+        first = batch[:, 0]
+        if (first == HANG).any():
+            time.sleep(3600)
+        if (first == HOG).any():
+            return np.ones(600_000_000)[: len(batch)]
         time.sleep(self.per_row_s * len(batch))
-        return batch[:, 0] * 2
+        return first * 2
 
 
 def write_repository(models_dir: Path, per_row_s: float, max_batch_size: int) -> Path:

@@ -48,6 +48,13 @@ async def test_killed_workers_leave_no_request_hanging_and_come_back(tmp_path: P
 
 @pytest.mark.skipif(not RedisServer.available() and not os.environ.get("CI"),
                     reason="needs redis-server (apt-get install redis-server); under CI its absence fails")
+async def test_a_hanging_or_memory_hungry_model_fails_its_batches_and_the_server_serves_on(tmp_path: Path) -> None:
+    """Rows that hang the model or exhaust a worker's memory, under 64 clients: 504 after max_compute_s
+    and a replaced worker, 500 and the worker serving on; nothing hangs or is lost."""
+    result = await chaos.model_faults(chaos.SHORT, tmp_path)
+    assert_holds(result, {"hang_504", "hung_replaced", "hog_500", "hung", "answered"})
+
+
 async def test_a_paused_or_killed_redis_costs_cache_hits_never_answers(tmp_path: Path) -> None:
     """Redis SIGSTOPped, resumed, killed and restarted under 64 clients: every call answered 200, no
     pause in the answers, p99 within the deadline, hits back after each outage."""
