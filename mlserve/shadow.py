@@ -4,10 +4,10 @@ The copy is sent only once the primary answer is ready and its handler has run, 
 for it, so it never delays, changes or fails the answer. It is dropped while the front end's event
 loop has no headroom (``LoopLoad``: busy more than ``shadow_max_loop_busy`` of the last tenth of a
 second) or the primary's batcher is saturated (calls wait, or every batch slot is busy); otherwise
-it takes the shadow version's mirror lane: one batch at a time, only on an idle worker that other batches then avoid, behind a
-short queue (see ``ControlPlane._runner``). So under load shadow copies go first, and a slow shadow
-slows no answer. Each copy ends as one of ``agree``, ``disagree``, ``error`` (the shadow failed or
-ran out of time) or ``dropped``.
+it takes the shadow version's mirror lane: one batch at a time, only on an idle worker that other
+batches then avoid, behind a short queue (see ``ControlPlane._runner``). So under load shadow copies
+go first, and a slow shadow slows no answer. Each copy ends as one of ``agree``, ``disagree``,
+``error`` (the shadow failed or ran out of time) or ``dropped``.
 """
 
 from __future__ import annotations

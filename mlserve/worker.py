@@ -114,6 +114,9 @@ def main(sock: socket.socket, options: WorkerOptions) -> None:
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     _limit_threads(options.threads)
     _limit_memory(options.max_memory_mb)
+    out_of_memory = "the model ran out of memory" + (
+        f": a worker may take {options.max_memory_mb} MB (worker_max_memory_mb)" if options.max_memory_mb else ""
+    )
     models = _Models(options)
     sock.sendall(ipc.frame(ipc.Reply(ipc.HELLO_ID, ipc.STATUS_OK, os.getpid(), 0.0)))
     while True:
@@ -124,8 +127,7 @@ def main(sock: socket.socket, options: WorkerOptions) -> None:
         try:
             reply = ipc.frame(_handle(models, message))
         except MemoryError:
-            why = f"the model ran out of memory: a worker may take {options.max_memory_mb} MB (worker_max_memory_mb)"
-            reply = ipc.frame(ipc.Reply(message.id, ipc.STATUS_ERROR, why, 0.0))
+            reply = ipc.frame(ipc.Reply(message.id, ipc.STATUS_ERROR, out_of_memory, 0.0))
         except Exception as exc:  # an unpicklable result too is this call's error, not the worker's end
             reply = ipc.frame(ipc.Reply(message.id, ipc.STATUS_ERROR, f"{type(exc).__name__}: {exc}", 0.0))
         try:

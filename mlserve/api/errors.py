@@ -141,6 +141,11 @@ def validation_path(exc: msgspec.ValidationError) -> str:
     return f"{where}.{unknown.group(1)}" if unknown else where
 
 
+TOO_DEEP = "malformed JSON: nested too deeply"
+"""msgspec raises ``RecursionError``, not a ``DecodeError``, for a body nested about a thousand deep (and
+sooner the deeper the stack it decodes on): whichever decoder meets it, it is answered here."""
+
+
 def from_unreadable_body(
     request: web.Request, exc: RequestPayloadError, encode: ErrorEncoder = json_error
 ) -> web.Response:
@@ -163,6 +168,8 @@ def error_response(request: web.Request, exc: Exception, encode: ErrorEncoder = 
         return from_http_exception(exc, encode)
     if isinstance(exc, RequestPayloadError):
         return from_unreadable_body(request, exc, encode)
+    if isinstance(exc, RecursionError):
+        return encode(400, TOO_DEEP, None, None)
     log.error("unhandled error on %s %s", request.method, request.path, exc_info=exc)
     return encode(500, "internal server error", None, None)
 

@@ -34,7 +34,7 @@ import msgspec
 from aiohttp import hdrs, web
 
 from mlserve.api.errors import guard, mlflow_error, validation_path
-from mlserve.api.http import JSON, TOO_DEEP, json_kind, timeout
+from mlserve.api.http import JSON, json_kind, timeout
 from mlserve.api.keys import CONTROL, RESULT, SETTINGS
 from mlserve.api.predict import (
     PREDICTION_ERRORS, ROW_EXAMPLE, add_prediction_route, answered, checked_rows, computed, counted, routed,
@@ -144,7 +144,7 @@ def parse_json(body: bytes) -> Table:
     """MLflow's JSON bodies as a table; ``params`` must be an object (or null) and is dropped."""
     try:
         common = _common.decode(body)
-    except (msgspec.DecodeError, RecursionError):
+    except msgspec.DecodeError:
         pass  # another format, or a fault: the general path below reads it and names the fault
     else:
         if common.dataframe_split is not None and common.instances is None and common.inputs is None:
@@ -160,8 +160,6 @@ def parse_json(body: bytes) -> Table:
         raise BadRequest(f"{REQUIRED} ({exc})") from None
     except msgspec.DecodeError as exc:
         raise BadRequest(f"malformed JSON: {exc}") from None
-    except RecursionError:
-        raise BadRequest(TOO_DEEP) from None
     given = [key for key in FORMATS if key in document]
     unknown = [key for key in document if key not in FORMATS and key != PARAMS]
     if len(given) != 1 or unknown:
@@ -384,8 +382,6 @@ def _typed(decoder: msgspec.json.Decoder[Any], raw: msgspec.Raw, path: str) -> A
         if str(exc).startswith(OUT_OF_RANGE):
             raise _out_of_range(exc, path) from None
         return None
-    except RecursionError:
-        raise BadRequest(TOO_DEEP) from None
 
 
 def _walk(raw: msgspec.Raw, path: str) -> Any:
@@ -394,8 +390,6 @@ def _walk(raw: msgspec.Raw, path: str) -> Any:
         return msgspec.json.decode(raw)
     except msgspec.ValidationError as exc:  # a number out of range after something the fast decoder refused
         raise _out_of_range(exc, path) from None
-    except RecursionError:
-        raise BadRequest(TOO_DEEP) from None
 
 
 def _out_of_range(exc: msgspec.ValidationError, path: str) -> ValidationFailed:

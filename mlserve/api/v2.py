@@ -41,7 +41,7 @@ from aiohttp import web
 
 from mlserve.api.admin import admin, finish
 from mlserve.api.errors import guard
-from mlserve.api.http import TOO_DEEP, decode, json_kind, respond, timeout
+from mlserve.api.http import decode, json_kind, respond, timeout
 from mlserve.api.keys import CONTROL, REGISTRY, RESULT, SETTINGS
 from mlserve.api.predict import add_prediction_route, answered, checked_rows, computed, counted, routed
 from mlserve.api.routedoc import RouteDoc
@@ -226,8 +226,6 @@ def parsed(body: bytes, declared: str | None) -> tuple[InferRequest[Any], bool, 
         pass  # data in another form, or a fault: the general decoder reads it and names the fault
     except msgspec.DecodeError as exc:
         raise BadRequest(f"malformed JSON: {exc}") from None
-    except RecursionError:
-        raise BadRequest(TOO_DEEP) from None
     return decode(_general, header), False, binary
 
 
