@@ -2,7 +2,12 @@
 
 Two stores behave alike for the control plane. ``FileStore`` keeps a JSON file, replaced atomically
 (write a temporary file, fsync, rename), so a crash leaves the old state or the new, never half of
-one. ``RedisStore`` keeps a hash in Redis and publishes every change on a channel; every replica
+one. The front-end processes of one machine share that file: each change re-reads it under an
+exclusive ``flock`` on a lock file beside it, so concurrent changes from two processes both land
+(the kernel drops the lock of a process that dies, so a crash never wedges the others), and each
+process polls the file's identity every 50 ms to follow the others. Polling needs no inotify
+dependency and costs a ``stat`` (microseconds) a poll; readers need no lock, since a rename is
+atomic. ``RedisStore`` keeps a hash in Redis and publishes every change on a channel; every replica
 watches it and re-reads the hash on each notice, and also every ``state_poll_s`` in case it missed
 one (Redis restarted, a network blip), so replicas converge on Redis's word whatever order notices
 arrive in. An experiment is kept as the document the operator sent.
@@ -15,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import fcntl
 import logging
 import os
 import tempfile
@@ -45,6 +51,9 @@ class SharedState(msgspec.Struct, forbid_unknown_fields=False, omit_defaults=Tru
 OnChange = Callable[[SharedState], Awaitable[None]]
 """Hears the whole shared state whenever it may have changed."""
 
+FileIdentity = tuple[int, int, int]
+"""A state file's (inode, modification time in ns, size): a changed one means the file was replaced."""
+
 REDIS_TIMEOUT_S = 2.0
 """A Redis that does not answer within this is treated as down: the state feature degrades, the
 data plane never waits on it."""
@@ -72,23 +81,28 @@ class StateStore(Protocol):
 
 
 class FileStore:
-    def __init__(self, path: str) -> None:
+    """The state in a JSON file, optionally shared by the processes of one machine.
+
+    Every change is a read-modify-write under an exclusive ``flock`` on ``<path>.lock``, re-reading
+    the file inside the lock, so two processes changing different models at once both land (a
+    cached copy would let the second writer drop the first's change). Unshared stores take the same
+    path: it costs a lock and a read of a small file on an operator's change, not a request's.
+
+    With ``shared``, ``watch`` follows the other processes' changes by polling the file's identity.
+    A process hears its own writes there too; the control plane applies state idempotently.
+    """
+
+    def __init__(self, path: str, shared: bool = False, poll_s: float = 0.05) -> None:
         self.path = Path(path)
-        self._state = SharedState()
+        self.shared = shared
+        self.poll_s = poll_s
+        self._lock_path = self.path.with_name(f"{self.path.name}.lock")
+        # Queues this process's writes on the loop, so they do not park pool threads on the flock.
         self._lock = asyncio.Lock()
 
     async def read(self) -> SharedState:
-        try:
-            raw = await asyncio.to_thread(self.path.read_bytes)
-        except FileNotFoundError:
-            return SharedState()
-        except OSError as exc:
-            raise StateUnavailable(f"cannot read the state file {self.path}: {exc.strerror}") from None
-        try:
-            self._state = msgspec.json.decode(raw, type=SharedState)
-        except msgspec.DecodeError as exc:
-            raise StateUnavailable(f"the state file {self.path} is unreadable: {exc}") from None
-        return self._state
+        loaded = await asyncio.to_thread(self._load)
+        return SharedState() if loaded is None else loaded[1]
 
     async def set_active(self, model: str, version: str) -> None:
         await self._write(lambda state: msgspec.structs.replace(state, active={**state.active, model: version}))
@@ -104,22 +118,98 @@ class FileStore:
 
     async def _write(self, change: Callable[[SharedState], SharedState]) -> None:
         async with self._lock:
-            state = change(self._state)
-            try:
-                await asyncio.to_thread(_write_atomically, self.path, msgspec.json.format(msgspec.json.encode(state)))
-            except OSError as exc:
-                raise StateUnavailable(f"cannot write the state file {self.path}: {exc.strerror}") from None
-            self._state = state
+            await asyncio.to_thread(self._update, change)
+
+    def _update(self, change: Callable[[SharedState], SharedState]) -> None:
+        """Apply ``change`` to what the file holds now, holding the lock file's flock throughout.
+
+        The lock file is never removed: a process that removed it could leave two others locking
+        different files. The flock goes with the descriptor, so a writer that dies drops it.
+        """
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            with open(self._lock_path, "ab") as lock:
+                fcntl.flock(lock, fcntl.LOCK_EX)
+                loaded = self._load()
+                state = change(SharedState() if loaded is None else loaded[1])
+                _write_atomically(self.path, msgspec.json.format(msgspec.json.encode(state)))
+        except OSError as exc:
+            raise StateUnavailable(f"cannot write the state file {self.path}: {exc.strerror}") from None
+
+    def _load(self) -> tuple[FileIdentity, SharedState] | None:
+        """The file's identity and contents, taken from one open file so the two agree; None when
+        there is no file yet."""
+        try:
+            with open(self.path, "rb") as fh:
+                identity = _identity(os.fstat(fh.fileno()))
+                raw = fh.read()
+        except FileNotFoundError:
+            return None
+        except OSError as exc:
+            raise StateUnavailable(f"cannot read the state file {self.path}: {exc.strerror}") from None
+        try:
+            return identity, msgspec.json.decode(raw, type=SharedState)
+        except msgspec.DecodeError as exc:
+            raise StateUnavailable(f"the state file {self.path} is unreadable: {exc}") from None
 
     async def watch(self, on_change: OnChange) -> None:
-        return None
+        """Catch up, then report the state whenever the file is replaced; runs until cancelled.
+
+        Every ``poll_s`` a plain ``stat`` (microseconds, so on the loop) compares the file's inode,
+        modification time and size with those of the state last reported; the atomic rename gives
+        every write a new inode. A file that cannot be read, or that vanished, is warned of once and
+        not reported (an empty state would end every experiment); polling goes on, and the next file
+        written is reported. A failing ``on_change`` is logged, not raised: following goes on.
+        """
+        if not self.shared:
+            return
+        reported: FileIdentity | None = None
+        caught_up = False
+        trouble = False
+        while True:
+            try:
+                now = self._stat()
+                if not caught_up or (now is not None and now != reported):
+                    loaded = await asyncio.to_thread(self._load)
+                    if loaded is not None or not caught_up:
+                        reported, state = loaded or (None, SharedState())
+                        caught_up = True
+                        if trouble:
+                            log.warning("the state file %s is readable again; following it", self.path)
+                            trouble = False
+                        await self._tell(on_change, state)
+                elif now is None and reported is not None:
+                    raise StateUnavailable(f"the state file {self.path} vanished")
+            except StateUnavailable as exc:
+                if not trouble:
+                    log.warning("%s; serving on with the state last read, polling every %.2fs", exc, self.poll_s)
+                    trouble = True
+            await asyncio.sleep(self.poll_s)
+
+    def _stat(self) -> FileIdentity | None:
+        try:
+            return _identity(os.stat(self.path))
+        except FileNotFoundError:
+            return None
+        except OSError as exc:
+            raise StateUnavailable(f"cannot read the state file {self.path}: {exc.strerror}") from None
+
+    @staticmethod
+    async def _tell(on_change: OnChange, state: SharedState) -> None:
+        try:
+            await on_change(state)
+        except Exception:
+            log.exception("applying the shared state failed; following it still")
 
     async def close(self) -> None:
         return None
 
 
+def _identity(stat: os.stat_result) -> FileIdentity:
+    return stat.st_ino, stat.st_mtime_ns, stat.st_size
+
+
 def _write_atomically(path: Path, content: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
     fd, staging = tempfile.mkstemp(prefix=f".{path.name}-", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as fh:
@@ -220,7 +310,9 @@ class RedisStore:
             await self._redis.aclose()
 
 
-def open_store(settings: Settings) -> StateStore:
+def open_store(settings: Settings, shared: bool = False) -> StateStore:
+    """The store the settings name. ``shared``: other processes on this machine use the same state
+    file, so the file store follows their changes (a Redis store is shared already)."""
     if settings.redis_url is not None:
         return RedisStore(settings.redis_url.reveal(), settings.redis_prefix, settings.state_poll_s)
-    return FileStore(settings.state_file)
+    return FileStore(settings.state_file, shared=shared)

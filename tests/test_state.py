@@ -1,14 +1,19 @@
-"""The state stores in-process: the file store's atomic writes, Redis's shared hash and its notices.
+"""The state stores: the file store's atomic writes, its sharing by processes of one machine (locked
+read-modify-writes, a polling watch), Redis's shared hash and its notices.
 
 The Redis tests run against a real ``redis-server`` on a free port, stopped mid-test where a test
-needs Redis to fail.
+needs Redis to fail. The file store's concurrency test runs its writers in spawned processes, each
+with its own loop, as the server's front ends do.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
+import logging
+import multiprocessing
 import os
+from multiprocessing.synchronize import Barrier
 from pathlib import Path
 
 import pytest
@@ -34,7 +39,7 @@ async def test_file_store_reads_back_what_it_wrote(tmp_path: Path) -> None:
     }
     expected = SharedState(active={"iris": "v2", "images": "v3"}, experiments={"iris": SPLIT})
     assert await FileStore(str(path)).read() == expected, "a new process reads the same"
-    assert os.listdir(path.parent) == ["active.json"], "no temporary file is left beside it"
+    assert sorted(os.listdir(path.parent)) == ["active.json", "active.json.lock"], "no temporary file is left beside it"
     await store.set_experiment("iris", None)
     assert (await FileStore(str(path)).read()).experiments == {}, "an ended experiment is gone after a restart"
 
@@ -62,6 +67,96 @@ async def test_corrupt_state_file_is_reported_not_trusted(tmp_path: Path) -> Non
     path.write_text('{"active": {"iris": ')
     with pytest.raises(StateUnavailable, match="unreadable"):
         await FileStore(str(path)).read()
+    with pytest.raises(StateUnavailable, match="unreadable"):
+        await FileStore(str(path)).set_active("iris", "v1")
+    assert path.read_text() == '{"active": {"iris": ', "a change is not written over what it could not read"
+
+
+def activate_many(path: str, prefix: str, start: Barrier) -> None:
+    """A front-end process: activate 50 models of its own, one change at a time, on its own loop."""
+
+    async def activate() -> None:
+        store = FileStore(path)
+        for i in range(50):
+            await store.set_active(f"{prefix}{i}", "v1")
+
+    start.wait(timeout=30)
+    asyncio.run(activate())
+
+
+def test_file_store_changes_from_two_processes_at_once_all_land(tmp_path: Path) -> None:
+    path = str(tmp_path / "state.json")
+    spawn = multiprocessing.get_context("spawn")
+    start = spawn.Barrier(2)
+    writers = [spawn.Process(target=activate_many, args=(path, prefix, start)) for prefix in ("a", "b")]
+    for writer in writers:
+        writer.start()
+    for writer in writers:
+        writer.join(60)
+    assert [writer.exitcode for writer in writers] == [0, 0]
+    expected = {f"{prefix}{i}": "v1" for prefix in ("a", "b") for i in range(50)}
+    assert json.loads(Path(path).read_text())["active"] == expected, "no process's change is lost"
+
+
+async def test_shared_file_store_watch_hears_another_writer(tmp_path: Path) -> None:
+    path = str(tmp_path / "state.json")
+    writer = FileStore(path)
+    await writer.set_active("images", "v3")
+    heard: asyncio.Queue[SharedState] = asyncio.Queue()
+
+    async def on_change(state: SharedState) -> None:
+        await heard.put(state)
+
+    watch = asyncio.create_task(FileStore(path, shared=True).watch(on_change))
+    try:
+        assert await asyncio.wait_for(heard.get(), 1) == SharedState(active={"images": "v3"}), "it catches up first"
+        await writer.set_active("iris", "v2")
+        await asyncio.wait_for(heard_state(heard, SharedState(active={"images": "v3", "iris": "v2"})), 1)
+        await writer.set_experiment("iris", SPLIT)
+        await asyncio.wait_for(heard_state(heard, SharedState({"images": "v3", "iris": "v2"}, {"iris": SPLIT})), 1)
+        await writer.set_experiment("iris", None)
+        await asyncio.wait_for(heard_state(heard, SharedState(active={"images": "v3", "iris": "v2"})), 1)
+        await asyncio.sleep(0.2)
+        assert heard.empty(), "an unchanged file is not reported again"
+    finally:
+        watch.cancel()
+        await asyncio.gather(watch, return_exceptions=True)
+
+
+async def test_unshared_file_store_watch_returns_at_once(tmp_path: Path) -> None:
+    async def on_change(state: SharedState) -> None:
+        raise AssertionError("an unshared store reports nothing")
+
+    await asyncio.wait_for(FileStore(str(tmp_path / "state.json")).watch(on_change), 0.1)
+
+
+async def test_shared_file_store_watch_survives_the_file_deleted_and_recreated(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    path = tmp_path / "state.json"
+    writer = FileStore(str(path))
+    await writer.set_active("iris", "v1")
+    heard: asyncio.Queue[SharedState] = asyncio.Queue()
+
+    async def on_change(state: SharedState) -> None:
+        await heard.put(state)
+
+    watch = asyncio.create_task(FileStore(str(path), shared=True, poll_s=0.01).watch(on_change))
+    try:
+        assert await asyncio.wait_for(heard.get(), 1) == SharedState(active={"iris": "v1"})
+        with caplog.at_level(logging.WARNING, logger="mlserve.state"):
+            path.unlink()
+            await asyncio.sleep(0.2)
+            assert heard.empty(), "a vanished file is not reported as an empty state"
+            warnings = [r.getMessage() for r in caplog.records if r.name == "mlserve.state"]
+            assert len(warnings) == 1 and "vanished" in warnings[0], "one warning, not one a poll"
+            await writer.set_active("images", "v3")
+            await asyncio.wait_for(heard_state(heard, SharedState(active={"images": "v3"})), 1)
+        assert "readable again" in [r.getMessage() for r in caplog.records if r.name == "mlserve.state"][-1]
+        assert not watch.done()
+    finally:
+        watch.cancel()
+        await asyncio.gather(watch, return_exceptions=True)
 
 
 SPLIT = Experiment(variants={"v1": 0.8, "v2": 0.2}, salt="s")
