@@ -15,7 +15,7 @@ from pathlib import Path
 
 from benchmarks import peers, scenarios, servers
 from benchmarks.runner import Plan, run
-from benchmarks.wrk_runner import wrk_available
+from benchmarks.wrk_runner import WRK2_ENV, find_wrk2, wrk_available
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 
@@ -41,6 +41,13 @@ def build_parser() -> argparse.ArgumentParser:
                         help="seconds per measured point (default 15, quick 3)")
     parser.add_argument("--warmup", type=float, default=None,
                         help="warm-up seconds before each point (default 3, quick 1)")
+    parser.add_argument("--open-loop-duration", type=float, default=None,
+                        help="measured seconds per open-loop point (default 6, quick 2)")
+    parser.add_argument("--wrk2", default=None, metavar="PATH",
+                        help=f"wrk2 for the open-loop points (default: ${WRK2_ENV}, else wrk2 on PATH, else "
+                        "where the shared tools' build-wrk2.sh leaves it); without one, benchmarks/openloop.py")
+    parser.add_argument("--no-wrk2", action="store_true",
+                        help="run the open-loop points on benchmarks/openloop.py even where wrk2 is found")
     parser.add_argument("--workers", type=int, default=2,
                         help="mlserve --workers (model worker processes; default 2)")
     parser.add_argument("--floor-workers", type=int, default=1,
@@ -73,6 +80,11 @@ def main(argv: list[str] | None = None) -> int:
     if not wrk_available():
         print("error: wrk not found; install it: apt-get update && apt-get install -y wrk",
               file=sys.stderr)
+        return 2
+    try:
+        wrk2 = None if args.no_wrk2 else find_wrk2(args.wrk2)
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
         return 2
 
     notes: list[str] = []
@@ -107,7 +119,7 @@ def main(argv: list[str] | None = None) -> int:
         duration_s=args.duration if args.duration is not None else timing.duration_s,
         warmup_s=args.warmup if args.warmup is not None else timing.warmup_s,
         offline_s=timing.offline_s,
-        open_loop_s=timing.open_loop_s,
+        open_loop_s=args.open_loop_duration if args.open_loop_duration is not None else timing.open_loop_s,
     )
     run_offline = not args.no_offline and (mlserve_cmd is not None or args.models_dir is not None)
     plan = Plan(
@@ -125,6 +137,7 @@ def main(argv: list[str] | None = None) -> int:
         baseline_cmd=baseline_cmd,
         peer_cmd=peer_cmd,
         notes=notes,
+        wrk2=wrk2,
     )
     est = scenarios.estimate_seconds(chosen, concurrency, timing, run_offline)
     print(
@@ -133,6 +146,8 @@ def main(argv: list[str] | None = None) -> int:
         f"warm-up per point, ~{est / 60:.1f} min estimated on {os.cpu_count()} CPUs",
         flush=True,
     )
+    if scenarios.open_loop_runs(chosen):
+        print(f"open-loop points on {f'wrk2 ({wrk2})' if wrk2 else 'benchmarks/openloop.py (no wrk2)'}", flush=True)
     record = run(plan)
     return 130 if record.get("interrupted") else 0
 

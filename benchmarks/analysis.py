@@ -93,6 +93,42 @@ def add_ratios(points: list[Point], offline: dict[str, Any]) -> None:
             point["ratios"]["rows_vs_reference"] = round(ratio, 4) if ratio is not None else None
 
 
+def open_loop_tails(points: list[Point]) -> list[dict[str, Any]]:
+    """Each open-loop point measured at another scenario's arrival rates (the floor at v1-on's) beside
+    that scenario's point at the same rate, with the p99 ratio.
+
+    Why at the same rate rather than each at its own capacity's: at one arrival rate the floor's tail is
+    what aiohttp, the generator and this machine cost anyway, so the ratio is what serving the model adds.
+    """
+    rows: list[dict[str, Any]] = []
+    measured = [p for p in points if p.get("loop") == "open" and p.get("rps") is not None]
+    for floor in measured:
+        if floor.get("rates_of") in (None, floor["scenario"]):
+            continue
+        for point in measured:
+            if point["scenario"] == floor["rates_of"] and point.get("fraction") == floor.get("fraction"):
+                ratio = _div(point["p99_ms"], floor["p99_ms"])
+                rows.append({
+                    "scenario": point["scenario"],
+                    "floor": floor["scenario"],
+                    "fraction": point["fraction"],
+                    "target_rps": point["target_rps"],
+                    "rps": round(point["rps"], 1),
+                    "floor_rps": round(floor["rps"], 1),
+                    "p50_ms": point["p50_ms"],
+                    "floor_p50_ms": floor["p50_ms"],
+                    "p99_ms": point["p99_ms"],
+                    "floor_p99_ms": floor["p99_ms"],
+                    "p99_vs_floor": round(ratio, 3) if ratio is not None else None,
+                    "generator": point.get("generator", "openloop"),
+                })
+    return sorted(rows, key=lambda row: (row["scenario"], row["fraction"]))
+
+
+HALF = 0.5
+"""The open-loop fraction of capacity the headline reads the tails at."""
+
+
 def headline(points: list[Point]) -> dict[str, Any]:
     """The few numbers the markdown leads with (None where not measured)."""
     v1 = _find(points, "v1-on", 64)
@@ -107,6 +143,7 @@ def headline(points: list[Point]) -> dict[str, Any]:
         "c1_p50_on_vs_off": {},
         "vs_peer_at_64": {},
         "vs_reference_at_64": {},
+        "open_loop_p99_vs_floor_at_half": [row for row in open_loop_tails(points) if row["fraction"] == HALF],
     }
     for point, reference in against_reference(points, 64):
         out["vs_reference_at_64"][point["scenario"]] = {
@@ -194,6 +231,12 @@ def headline_lines(head: dict[str, Any]) -> list[str]:
             f"image (batching on) @ c=64: {image['rps']:.0f} images/s, p99 {image['p99_ms']:.1f} ms"
             + (f", {100 * ceiling:.0f}% of one process's offline batch-32 pipeline" if ceiling else "")
             + (f", {image['on_off']:.2f}x batching off" if image["on_off"] else "")
+        )
+    for d in head.get("open_loop_p99_vs_floor_at_half", []):
+        lines.append(
+            f"{d['scenario']} open loop at {d['target_rps']:.0f} req/s (half its capacity, {d['generator']}): "
+            f"p99 {d['p99_ms']:.2f} ms vs {d['floor']} {d['floor_p99_ms']:.2f} ms at that rate "
+            f"({times(d['p99_vs_floor'])})"
         )
     for version, d in head.get("c1_p50_on_vs_off", {}).items():
         lines.append(

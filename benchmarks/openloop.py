@@ -2,7 +2,8 @@
 
 Why not wrk: wrk is closed loop (each connection waits for its answer before sending again), so
 a slow server slows the load and its latency hides queueing and stalls (coordinated omission).
-Debian ships no wrk2, so this is a small generator of our own: a fixed schedule of send times and a
+wrk2 runs the open-loop points where it is found (``wrk_runner.find_wrk2``); Debian ships none, so
+where it is not, this small generator of our own does: a fixed schedule of send times and a
 pool of keep-alive connections. When every connection is busy, due requests wait in the generator
 and that wait counts as latency, as a user arriving then would see it.
 
@@ -30,11 +31,13 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 from benchmarks.scenarios import IRIS_RANGES
-from benchmarks.wrk_runner import LoadError, pinned, run_process
+from benchmarks.wrk_runner import LoadError, pinned, run_process, with_own_cpu
 
 MARKER = "OPENLOOP "
 TICK_S = 0.0005
 CONNECTIONS = 256
+WARMUP_S = 1.0
+"""Seconds sent at the point's rate before it is measured, by whichever generator runs it."""
 
 
 def iris_bodies(model: str, version: str, count: int) -> list[tuple[bytes, bytes]]:
@@ -185,6 +188,7 @@ async def drive(
         return round(1000 * values[min(len(values) - 1, int(q * len(values)))], 3) if values else 0.0
 
     return {
+        "generator": "openloop",
         "target_rps": rate,
         "duration_s": duration_s,
         "connections": connections,
@@ -213,14 +217,8 @@ def run_open(
     run = run_process(argv, 2 * duration_s + 60.0)
     for line in run.stdout.splitlines():
         if line.startswith(MARKER):
-            result: dict[str, object] = json.loads(line[len(MARKER) :])
-            break
-    else:
-        raise LoadError(f"no {MARKER.strip()} line in the open-loop output:\n{run.stdout[-1000:]}")
-    result["loadgen_cpu_s"] = run.cpu_s
-    result["loadgen_cpu_pct"] = round(100 * run.cpu_s / run.wall_s, 1)
-    result["wall_s"] = run.wall_s
-    return result
+            return with_own_cpu(json.loads(line[len(MARKER) :]), run)
+    raise LoadError(f"no {MARKER.strip()} line in the open-loop output:\n{run.stdout[-1000:]}")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -228,7 +226,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("url")
     parser.add_argument("--rate", type=float, required=True, help="requests per second")
     parser.add_argument("--duration", type=float, default=8.0, help="measured seconds")
-    parser.add_argument("--warmup", type=float, default=1.0, help="seconds sent but not measured")
+    parser.add_argument("--warmup", type=float, default=WARMUP_S, help="seconds sent but not measured")
     parser.add_argument("--connections", type=int, default=CONNECTIONS)
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--iris", nargs=2, metavar=("MODEL", "VERSION"))

@@ -77,7 +77,8 @@ def markdown(run: dict[str, Any]) -> str:
         f"{host['wrk']}; wrk -t1 pinned to core {cfg['wrk_core']}, closed loop, "
         f"{cfg['duration_s']:.0f}s per point after {cfg['warmup_s']:.0f}s warm-up, "
         f"mlserve --workers {cfg['workers']}, floor processes {cfg.get('floor_workers', 1)}"
-        f"{' (quick run)' if cfg['quick'] else ''}.",
+        f"{' (quick run)' if cfg['quick'] else ''}; open-loop points on "
+        f"{'wrk2 (' + host['wrk2'] + ')' if host.get('wrk2') else 'benchmarks/openloop.py'}.",
         "",
     ]
     if run.get("notes"):
@@ -114,6 +115,7 @@ def markdown(run: dict[str, Any]) -> str:
     out += _reference_table(run["points"])
     out += _cache_tables(run)
     out += _open_loop_table(run["points"])
+    out += _open_loop_tails_table(run.get("open_loop_tails", []))
 
     offline = run.get("offline") or {}
     if offline.get("models"):
@@ -217,23 +219,48 @@ def _open_loop_table(points: list[dict[str, Any]]) -> list[str]:
     out = [
         "## Open loop (fixed arrival rate, 256 connections)",
         "",
-        "Latency counts from when a request fell due, waiting for a free connection included; "
-        "generator lag is how late its ~1 ms timer saw requests fall due (not counted as latency). "
-        "The generator shares the two cores with the server, so its CPU is the server's loss.",
+        "Latency counts from when a request fell due, waiting for a free connection included. "
+        "Generator openloop (ours): lag is how late its ~1 ms timer saw requests fall due (not counted as "
+        "latency), unanswered what was still in flight after the drain. Generator wrk2: answered req/s is the rate "
+        "times the share of the requests its schedule made due that were answered (it opens its connections 5 ms "
+        "apart, each on a schedule of its own); it reports neither lag nor unanswered, and its timer's lateness "
+        "counts as latency. The generator shares the two cores with the server, so its CPU is the server's loss.",
         "",
-        "| scenario | target req/s | answered req/s | p50 ms | p99 ms | max ms | mean batch | non-2xx "
+        "| scenario | generator | target req/s | answered req/s | p50 ms | p99 ms | max ms | mean batch | non-2xx "
         "| unanswered | generator lag p99 ms | generator CPU | server CPU |",
-        "|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|",
+        "|---|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|",
     ]
     for p in rows:
         if p.get("rps") is None:
-            out.append(f"| {p['scenario']} | {p['target_rps']:.0f} | failed | | | | | | | | | |")
+            out.append(f"| {p['scenario']} | | {p['target_rps']:.0f} | failed | | | | | | | | | |")
             continue
         out.append(
-            f"| {p['scenario']} | {p['target_rps']:.0f} | {p['rps']:.0f} | {p['p50_ms']:.2f} "
-            f"| {p['p99_ms']:.2f} | {p['max_ms']:.1f} | {_fmt(p.get('mean_batch_size'), '.2f')} "
-            f"| {p['non2xx']} | {p['unanswered']} | {p['lag_p99_ms']:.2f} | {p['loadgen_cpu_pct']:.0f}% "
-            f"| {_fmt(p.get('server_cpu_pct'), '.0f', '%')} |"
+            f"| {p['scenario']} | {p.get('generator', 'openloop')} | {p['target_rps']:.0f} | {p['rps']:.0f} "
+            f"| {p['p50_ms']:.2f} | {p['p99_ms']:.2f} | {p['max_ms']:.1f} | {_fmt(p.get('mean_batch_size'), '.2f')} "
+            f"| {p['non2xx']} | {_fmt(p.get('unanswered'), 'd')} | {_fmt(p.get('lag_p99_ms'), '.2f')} "
+            f"| {p['loadgen_cpu_pct']:.0f}% | {_fmt(p.get('server_cpu_pct'), '.0f', '%')} |"
+        )
+    return out + [""]
+
+
+def _open_loop_tails_table(rows: list[dict[str, Any]]) -> list[str]:
+    """The served model's open-loop tails over the floor's at the same arrival rates, in this run."""
+    if not rows:
+        return []
+    out = [
+        "## Open-loop tails against the floor",
+        "",
+        "The floor runs at the served scenario's arrival rates (fractions of its closed-loop capacity), just "
+        "after it, with the same generator: the p99 ratio is what serving the model adds to the tail.",
+        "",
+        "| scenario / floor | % capacity | target req/s | p50 ms | p99 ms | p99 ratio | generator |",
+        "|---|--:|--:|--:|--:|--:|---|",
+    ]
+    for r in rows:
+        out.append(
+            f"| {r['scenario']} / {r['floor']} | {100 * r['fraction']:.0f}% | {r['target_rps']:.0f} "
+            f"| {r['p50_ms']:.2f} / {r['floor_p50_ms']:.2f} | {r['p99_ms']:.2f} / {r['floor_p99_ms']:.2f} "
+            f"| {times(r['p99_vs_floor'])} | {r['generator']} |"
         )
     return out + [""]
 
@@ -328,7 +355,8 @@ def plot_open_loop(run: dict[str, Any], path: Path) -> None:
     ax.xaxis.set_major_formatter(plain)
     ax.yaxis.set_major_formatter(plain)
     ax.yaxis.set_minor_formatter(plain)
-    ax.set_xlabel("answered requests/s (open loop, fixed arrival rate)")
+    generators = sorted({p.get("generator", "openloop") for pts in by_scenario.values() for p in pts})
+    ax.set_xlabel(f"answered requests/s (open loop, fixed arrival rate; {', '.join(generators) or 'no'} generator)")
     ax.set_ylabel("latency ms (log)")
     ax.grid(True, which="both", alpha=0.3)
     ax.set_title(f"mlserve latency against load {run['date']}")

@@ -27,10 +27,11 @@ import aiohttp
 
 from benchmarks import analysis, hoststat, imageset, offline, peers, promtext, report, servers
 from benchmarks.mlflowregistry import MlflowRegistry
-from benchmarks.openloop import CONNECTIONS, run_open
+from benchmarks.openloop import CONNECTIONS, WARMUP_S, run_open
 from benchmarks.redisserver import RedisServer
-from benchmarks.scenarios import IRIS_COLUMNS, OPEN_LOOP_FRACTIONS, OUTAGE_SLICES, Scenario, Timing
-from benchmarks.wrk_runner import LoadError, run_wrk
+from benchmarks.scenarios import (IRIS_COLUMNS, OPEN_LOOP_FRACTIONS, OUTAGE_SLICES, Scenario, Timing,
+                                  open_loop_runs)
+from benchmarks.wrk_runner import LoadError, run_wrk, run_wrk2
 
 # Other processes using more than this (% of one core) during a point make it suspect.
 NOISY_OTHER_CPU_PCT = 20.0
@@ -62,6 +63,12 @@ class Plan:
     notes: list[str] = field(default_factory=list)
     image_file: Path | None = None
     """The distinct PNGs the image scenarios send, written once a run."""
+    wrk2: str | None = None
+    """wrk2's path: it runs the open-loop points; None: our own generator (``benchmarks.openloop``) does."""
+
+    @property
+    def open_loop_generator(self) -> str:
+        return "wrk2" if self.wrk2 is not None else "openloop"
 
     def wrk_args(self, scenario: Scenario) -> list[str]:
         if scenario.kind == "mlserver":
@@ -113,8 +120,9 @@ def count_steps(plan: Plan, train: bool) -> int:
 
 def _scenario_steps(plan: Plan) -> int:
     per_server = sum(1 + len(s.concurrency(plan.concurrency)) + s.outage for s in plan.scenarios)
-    open_points = sum(s.open_loop for s in plan.scenarios) * len(OPEN_LOOP_FRACTIONS)
-    return per_server + open_points
+    open_loop = open_loop_runs(plan.scenarios)
+    second_starts = sum(s.open_loop_at is not None for s in open_loop)
+    return per_server + second_starts + len(open_loop) * len(OPEN_LOOP_FRACTIONS)
 
 
 def _wrk_version() -> str:
@@ -207,11 +215,27 @@ def measure_point(
 def measure_open_point(
     server: servers.Server, scenario: Scenario, rate: float, plan: Plan
 ) -> dict[str, Any]:
-    """One open-loop run at ``rate`` req/s (its first second is the warm-up, not measured)."""
+    """One open-loop run at ``rate`` req/s, after ``WARMUP_S`` at that rate that is not measured.
+
+    Our generator sends the warm-up in the same process and leaves it out of its figures. wrk2's own
+    calibration (it restarts its histogram after 10 s plus 5 ms a connection) is longer than a point,
+    so it gets a separate warm-up call first, as the closed-loop points do; the measured call's first
+    second still has wrk2 opening its connections one by one (``wrk_runner.parse_wrk2_output``).
+    """
     url = f"{server.base_url}{scenario.path}"
 
+    def generate(seconds: float) -> dict[str, Any]:
+        if plan.wrk2 is None:
+            return run_open(url, rate, seconds, plan.open_loop_args(scenario), plan.wrk_core)
+        return run_wrk2(plan.wrk2, url, rate, seconds, CONNECTIONS, scenario.script, plan.wrk_args(scenario),
+                        plan.wrk_core)
+
+    if plan.wrk2 is not None:
+        generate(WARMUP_S)
+        time.sleep(0.2)  # let warm-up stragglers drain before the "before" snapshot
+
     def load() -> Load:
-        res = run_open(url, rate, plan.timing.open_loop_s, plan.open_loop_args(scenario), plan.wrk_core)
+        res = generate(plan.timing.open_loop_s)
         return Load(res, int(res["requests"]), float(res["wall_s"]), float(res["loadgen_cpu_s"]))
 
     return _observe(server, scenario, load)
@@ -295,6 +319,7 @@ def run(plan: Plan) -> dict[str, Any]:
             "python": platform.python_version(),
             "aiohttp": aiohttp.__version__,
             "wrk": _wrk_version(),
+            "wrk2": plan.wrk2,
         },
         "config": {
             "quick": plan.quick,
@@ -306,6 +331,8 @@ def run(plan: Plan) -> dict[str, Any]:
             "workers": plan.workers,
             "floor_workers": plan.floor_workers,
             "wrk_core": plan.wrk_core,
+            "open_loop_generator": plan.open_loop_generator,
+            "open_loop_s": plan.timing.open_loop_s,
             "models_dir": str(models_dir) if models_dir else None,
             "mlserve_cmd": plan.mlserve_cmd,
             "argv": sys.argv,
@@ -343,8 +370,15 @@ def run(plan: Plan) -> dict[str, Any]:
             _start_redis(plan)
         if any(s.registry for s in plan.scenarios):
             _build_registry(plan, date, run_record, progress)
+        open_loop = open_loop_runs(plan.scenarios)
         for scenario in plan.scenarios:
             _run_scenario(scenario, plan, models_dir, date, run_record, progress)
+            for follower in (s for s in open_loop if s.open_loop_at == scenario.name):
+                if _open_loop_reference(run_record["points"], scenario) > 0:
+                    _run_scenario(follower, plan, models_dir, date, run_record, progress, at_rates_of=scenario)
+                else:
+                    plan.notes.append(f"{scenario.name} has no closed-loop capacity: no open loop for {follower.name}")
+                    progress.total -= 1 + len(OPEN_LOOP_FRACTIONS)
     except KeyboardInterrupt:
         run_record["interrupted"] = True
         plan.notes.append("run interrupted; results are partial")
@@ -362,11 +396,12 @@ def run(plan: Plan) -> dict[str, Any]:
             plan.registry.close()
 
     analysis.add_ratios(run_record["points"], run_record["offline"] or {})
+    run_record["open_loop_tails"] = analysis.open_loop_tails(run_record["points"])
     run_record["headline"] = analysis.headline(run_record["points"])
     run_record["finished_at"] = dt.datetime.now().isoformat(timespec="seconds")
     run_record["host"]["loadavg_at_end"] = hoststat.loadavg()
-    noisy = [f"{p['scenario']}@{p['concurrency']}" for p in run_record["points"]
-             if p.get("other_cpu_pct", 0) > NOISY_OTHER_CPU_PCT]
+    noisy = [f"{p['scenario']}@{p['concurrency']}" if p["loop"] == "closed" else f"{p['scenario']}@{p['target_rps']:.0f}req/s"
+             for p in run_record["points"] if p.get("other_cpu_pct", 0) > NOISY_OTHER_CPU_PCT]
     if noisy:
         plan.notes.append(f"other processes used >{NOISY_OTHER_CPU_PCT:.0f}% CPU during: "
                           + ", ".join(noisy) + " (see other CPU column)")
@@ -400,10 +435,19 @@ def _run_scenario(
     date: str,
     run_record: dict[str, Any],
     progress: Progress,
+    at_rates_of: Scenario | None = None,
 ) -> None:
-    """Start one server, measure every concurrency, always stop it."""
+    """Start one server, measure every concurrency, always stop it.
+
+    With ``at_rates_of``, a second start that measures only the open-loop points, at the arrival
+    rates of that scenario, just measured: the floor's tails against v1-on's at the same rates,
+    minutes apart rather than a whole run.
+    """
     port = servers.free_port()
-    log_path = plan.out_dir / f"{date}-server-{scenario.name}.log"
+    name = scenario.name if at_rates_of is None else f"{scenario.name}@open-loop"
+    open_loop = at_rates_of is not None or (scenario.open_loop and scenario.open_loop_at is None)
+    closed_points = scenario.concurrency(plan.concurrency) if at_rates_of is None else []
+    log_path = plan.out_dir / f"{date}-server-{name}.log"
     workdir: Path | None = None
     if scenario.kind == "floor":
         argv = servers.floor_argv(port, plan.floor_workers)
@@ -436,8 +480,9 @@ def _run_scenario(
                             ready_path=scenario.ready_path)
     info: dict[str, Any] = {"label": scenario.label, "argv": argv, "env": scenario.env,
                             "log_path": str(log_path)}
-    run_record["scenarios"][scenario.name] = info
-    progress.start(f"start {scenario.label} on :{port}")
+    run_record["scenarios"][name] = info
+    again = "" if at_rates_of is None else f" again, for open loop at {at_rates_of.name}'s rates,"
+    progress.start(f"start {scenario.label}{again} on :{port}")
     try:
         try:
             server.start()
@@ -445,28 +490,30 @@ def _run_scenario(
         except servers.ServerStartError as exc:
             info["error"] = str(exc)[:3000]
             progress.end("FAILED to start (see log)")
-            for c in scenario.concurrency(plan.concurrency):
+            for c in closed_points:
                 progress.start(f"{scenario.label} c={c}")
                 progress.end("skipped")
                 run_record["points"].append(_failed_point(scenario, c, "server did not start"))
-            progress.total -= len(OPEN_LOOP_FRACTIONS) if scenario.open_loop else 0
+            progress.total -= len(OPEN_LOOP_FRACTIONS) if open_loop else 0
             return
         info["sanity"] = _sanity(server, scenario)
         progress.end(f"ready in {info['startup_s']:.1f}s, sanity "
                      f"{'ok' if info['sanity'].get('ok') else 'FAILED ' + str(info['sanity'])[:200]}")
-        for c in scenario.concurrency(plan.concurrency):
+        for c in closed_points:
             header = _point_header(scenario, c)
             if not _step(header, lambda: measure_point(server, scenario, c, plan), server, info,
                          run_record, progress):
                 return
-        if scenario.outage and plan.redis is not None:
+        if scenario.outage and plan.redis is not None and at_rates_of is None:
             progress.start(f"{scenario.label}: {sum(OUTAGE_SLICES)} one-second slices")
             run_record["outage"] = _measure_outage(server, scenario, plan, plan.redis)
             progress.end(_outage_summary(run_record["outage"]))
-        reference = _open_loop_reference(run_record["points"], scenario)
-        for fraction in OPEN_LOOP_FRACTIONS if scenario.open_loop and reference else ():
+        rates_of = at_rates_of or scenario
+        reference = _open_loop_reference(run_record["points"], rates_of)
+        for fraction in OPEN_LOOP_FRACTIONS if open_loop and reference else ():
             rate = fraction * reference
-            header = _point_header(scenario, CONNECTIONS, "open") | {"target_rps": round(rate, 1)}
+            header = _point_header(scenario, CONNECTIONS, "open") | {
+                "target_rps": round(rate, 1), "fraction": fraction, "rates_of": rates_of.name}
             if not _step(header, lambda: measure_open_point(server, scenario, rate, plan), server, info,
                          run_record, progress):
                 return

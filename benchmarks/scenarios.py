@@ -63,10 +63,16 @@ class Scenario:
     """Rows each request carries; above 1 the reference table also compares rows/s."""
     reference: str | None = None
     """The scenario this one is read against at the same concurrency (req/s, p50 and p99 ratios)."""
+    open_loop_at: str | None = None
+    """Open-loop points at that scenario's arrival rates rather than at its own capacity's, run just
+    after that scenario's, on a second start of this server: the floor's tails at v1-on's rates."""
 
     @property
     def open_loop(self) -> bool:
-        """Batching-on mlserve scenarios also get open-loop points (latency against arrival rate)."""
+        """Batching-on mlserve scenarios also get open-loop points (latency against arrival rate), and
+        a scenario that takes another's rates (``open_loop_at``) does, when that one is in the run."""
+        if self.open_loop_at is not None:
+            return not self.closed_only
         return (
             self.kind == "mlserve"
             and self.batching is True
@@ -169,9 +175,10 @@ OUTAGE_SLICES = (3, 5, 4)
 """One-second slices of the outage scenario: Redis up, killed, restarted."""
 
 # Order matters a little on a noisy box: the floor goes first so every later
-# ratio uses a floor measured minutes, not hours, apart.
+# ratio uses a floor measured minutes, not hours, apart; its open-loop points
+# wait for v1-on's capacity and run right after v1-on's, on a second start.
 CATALOGUE: tuple[Scenario, ...] = (
-    Scenario("floor", "floor", "v1", None),
+    Scenario("floor", "floor", "v1", None, open_loop_at="v1-on"),
     Scenario("v1-on", "mlserve", "v1", True),
     Scenario("v1-off", "mlserve", "v1", False),
     Scenario("v2-on", "mlserve", "v2", True),
@@ -217,6 +224,14 @@ DEFAULT_CONCURRENCY: tuple[int, ...] = (1, 16, 64, 256)
 # Open-loop arrival rates, as fractions of the same server's best closed-loop req/s at up to 64
 # connections in this run.
 OPEN_LOOP_FRACTIONS: tuple[float, ...] = (0.25, 0.5, 0.75, 1.0)
+
+
+def open_loop_runs(scenarios: list[Scenario]) -> list[Scenario]:
+    """The scenarios that get open-loop points in a run of ``scenarios``: one that takes another's
+    rates only when that one is in the run (and gets open-loop points itself)."""
+    own = [s for s in scenarios if s.open_loop and s.open_loop_at is None]
+    names = {s.name for s in own}
+    return own + [s for s in scenarios if s.open_loop and s.open_loop_at in names]
 
 
 @dataclass(frozen=True)
@@ -282,9 +297,10 @@ def estimate_seconds(
 ) -> float:
     """Rough wall-clock estimate: load time + ~0.5 s per point + ~5 s per server start/stop."""
     per_point = timing.duration_s + timing.warmup_s + 0.5
-    open_points = sum(s.open_loop for s in scenarios) * len(OPEN_LOOP_FRACTIONS)
+    open_loop = open_loop_runs(scenarios)
+    open_points = len(open_loop) * len(OPEN_LOOP_FRACTIONS)
     per_open_point = timing.open_loop_s + 2.5  # the generator's own start and warm-up second
-    servers = len(scenarios) * 5.0
+    servers = (len(scenarios) + sum(s.open_loop_at is not None for s in open_loop)) * 5.0
     training = 25.0 if any(s.kind == "mlserve" for s in scenarios) else 0.0
     registry = 25.0 if any(s.registry for s in scenarios) else 0.0
     offline_s = (6 * timing.offline_s + 8.0) if offline else 0.0

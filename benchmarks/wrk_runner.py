@@ -1,16 +1,24 @@
-"""Run wrk pinned to one core and turn its output into numbers.
+"""Run wrk (and wrk2, for open-loop points) pinned to one core and turn its output into numbers.
 
 Why wrk + a Lua ``done()`` line instead of parsing wrk's human text: the text
 format rounds latencies and changes units; the Lua callback prints exact
 microsecond percentiles as one JSON line.  wrk's own CPU use is taken from
 ``os.wait4`` resource usage, so we can tell when the load generator, not the
 server, is the bottleneck, without psutil or /usr/bin/time.
+
+wrk2 (wrk with a fixed request rate, ``-R``, timing each request from when it
+was due) runs the open-loop points when it is found: it is the well-known tool,
+so its figures need no defence of ours.  Its output is parsed from its text,
+the HdrHistogram percentile lines, which wrk2 prints to three significant
+digits whatever script runs; the same request scripts serve both tools.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
+import re
 import shutil
 import subprocess
 import tempfile
@@ -21,6 +29,9 @@ from pathlib import Path
 
 SCRIPTS = Path(__file__).resolve().parent / "wrk"
 _MARKER = "WRKJSON "
+WRK2_ENV = "MLSERVE_WRK2"
+WRK2_CONNECT_GAP_S = 0.005
+"""wrk2 opens its connections this far apart, and each keeps its own schedule from its connect."""
 
 
 class LoadError(RuntimeError):
@@ -68,6 +79,42 @@ def wrk_available() -> bool:
     return shutil.which("wrk") is not None
 
 
+def built_wrk2() -> list[Path]:
+    """Where ``tools/build-wrk2.sh`` of the shared tools leaves wrk2: its default output (the user's
+    cache), or its source tree beside the repo (``../shared/tools``) after a ``make`` there."""
+    cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+    repo = Path(__file__).resolve().parents[1]
+    return [cache / "wrk2" / "wrk", repo.parent / "shared" / "tools" / "wrk2-src" / "wrk"]
+
+
+def find_wrk2(explicit: str | None = None, candidates: list[Path] | None = None) -> str | None:
+    """wrk2's path: ``explicit`` (``--wrk2``), else ``$MLSERVE_WRK2``, else ``wrk2`` on PATH, else
+    where the shared build script leaves it (``candidates``, by default ``built_wrk2()``).
+
+    None when there is none: the open-loop points then run on our own generator, as users without
+    the shared tools get.  A path that was asked for but is not an executable is an error, not a
+    quiet fall-back to the other generator.
+    """
+    for asked, source in ((explicit, "--wrk2"), (os.environ.get(WRK2_ENV), f"${WRK2_ENV}")):
+        if asked:
+            found = shutil.which(asked)
+            if found is None:
+                raise ValueError(f"{source} {asked}: not an executable file")
+            return found
+    on_path = shutil.which("wrk2")
+    if on_path is not None:
+        return on_path
+    for path in built_wrk2() if candidates is None else candidates:
+        if path.is_file() and os.access(path, os.X_OK):
+            return str(path)
+    return None
+
+
+def whole_seconds(seconds: float) -> int:
+    """wrk's ``-d`` and ``--timeout`` in whole seconds, at least one."""
+    return max(1, round(seconds))
+
+
 def build_argv(
     url: str,
     concurrency: int,
@@ -76,19 +123,23 @@ def build_argv(
     script_args: list[str],
     core: int | None,
     timeout_s: float,
+    binary: str = "wrk",
+    rate: float | None = None,
 ) -> list[str]:
-    """wrk command line; one thread (one core) is enough for a 2-core box.
+    """wrk command line (wrk2's with ``binary`` and a ``rate``); one thread (one core) is enough
+    for a 2-core box.
 
     ``--timeout`` is raised well above wrk's 2 s default: a saturated slow
     model at high concurrency legitimately queues for seconds, and we want
     that visible in p99, not hidden as "timeout" errors.
     """
     argv = [
-        "wrk",
+        binary,
         "-t1",
         f"-c{concurrency}",
-        f"-d{max(1, round(duration_s))}s",
-        f"--timeout={max(1, round(timeout_s))}s",
+        f"-d{whole_seconds(duration_s)}s",
+        f"--timeout={whole_seconds(timeout_s)}s",
+        *([f"-R{max(1, round(rate))}"] if rate is not None else []),
         "--latency",
         "-s",
         str(SCRIPTS / script),
@@ -194,3 +245,103 @@ def parse_output(stdout: str, concurrency: int, cpu_s: float, wall_s: float) -> 
         wrk_cpu_s=cpu_s,
         wrk_wall_s=wall_s,
     )
+
+
+def with_own_cpu(result: dict[str, object], run: ProcessRun) -> dict[str, object]:
+    """``result`` with the generator's own CPU and wall time, as every open-loop point reports them."""
+    result["loadgen_cpu_s"] = run.cpu_s
+    result["loadgen_cpu_pct"] = round(100 * run.cpu_s / run.wall_s, 1) if run.wall_s > 0 else 0.0
+    result["wall_s"] = run.wall_s
+    return result
+
+
+def run_wrk2(
+    binary: str,
+    url: str,
+    rate: float,
+    duration_s: float,
+    connections: int,
+    script: str,
+    script_args: list[str],
+    core: int | None,
+) -> dict[str, object]:
+    """One wrk2 run at ``rate`` req/s: its figures, in the shape of our own generator's, and its CPU.
+
+    Everything wrk2 answered in the run is measured: its own calibration, which restarts its
+    histogram after 10 s plus 5 ms a connection, is longer than a point, so a warm-up is a separate,
+    earlier call (the caller's).
+    """
+    seconds, per_second = whole_seconds(duration_s), max(1, round(rate))
+    timeout_s = max(10.0, 2.0 * seconds)
+    argv = build_argv(url, connections, seconds, script, script_args, core, timeout_s, binary, per_second)
+    run = run_process(argv, seconds + timeout_s + 30.0)
+    return with_own_cpu(parse_wrk2_output(run.stdout, per_second, seconds, connections), run)
+
+
+def wrk2_due(rate: float, duration_s: float, connections: int) -> int:
+    """How many requests wrk2's schedule makes due in a run: connection ``i`` connects
+    ``WRK2_CONNECT_GAP_S * i`` in and sends its k-th request k / (rate / connections) s after that."""
+    per_connection = rate / connections
+    starts = (WRK2_CONNECT_GAP_S * i for i in range(connections))
+    return sum(math.ceil((duration_s - start) * per_connection) for start in starts if start < duration_s)
+
+
+_UNIT_MS = {"us": 0.001, "ms": 1.0, "s": 1000.0, "m": 60_000.0, "h": 3_600_000.0}
+_PERCENTILE = re.compile(r"^\s*(\d+(?:\.\d+)?)%\s+(\d+(?:\.\d+)?)(us|ms|s|m|h)\s*$")
+_FOOTER = re.compile(r"#\[(\w+)\s*=\s*([\d.]+),\s*(\w+(?: \w+)?)\s*=\s*([\d.]+)\]")
+
+
+def _wrk2_number(pattern: str, text: str, default: str = "0") -> float:
+    found = re.search(pattern, text, re.MULTILINE)
+    return float(found.group(1) if found else default)
+
+
+def parse_wrk2_output(text: str, rate: float, duration_s: float, connections: int) -> dict[str, object]:
+    """wrk2's ``--latency`` text as an open-loop point: the same keys as our generator's result.
+
+    Latencies are wrk2's corrected ones ("Recorded Latency": from when each request was due), from
+    the percentile lines (p50 to p99.999) and the histogram's footer (mean, max: microseconds).
+    wrk2 has no generator lag or unanswered count of its own: those are None.
+
+    ``rps`` is the rate times the share of the requests due (``wrk2_due``) that were answered, not
+    the answers over the run: wrk2 opens its connections one by one and each starts its own schedule
+    when connected, so over a short run it is asked for fewer than rate x seconds, and the answers over
+    the run would read as a server falling behind.  wrk2's own figure is kept as ``wrk2_rps``.
+    """
+    percentiles: dict[float, float] = {}
+    lines = iter(text.splitlines())
+    for line in lines:
+        if "Latency Distribution (HdrHistogram - Recorded Latency)" in line:
+            break
+    for line in lines:
+        match = _PERCENTILE.match(line)
+        if match is None:
+            break
+        percentiles[float(match.group(1))] = float(match.group(2)) * _UNIT_MS[match.group(3)]
+    if 99.0 not in percentiles:
+        raise LoadError(f"no latency distribution in wrk2's output (is it wrk2, run with --latency?):\n{text[-1000:]}")
+    footer = {name: float(value) for match in _FOOTER.finditer(text)
+              for name, value in (match.group(1, 2), match.group(3, 4))}
+    requests = int(_wrk2_number(r"^\s*(\d+) requests in ", text))
+    socket = re.search(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", text)
+    due = wrk2_due(rate, duration_s, connections)
+    return {
+        "generator": "wrk2",
+        "target_rps": rate,
+        "duration_s": duration_s,
+        "connections": connections,
+        "requests": requests,
+        "rps": rate * requests / due if due else 0.0,
+        "wrk2_rps": _wrk2_number(r"^Requests/sec:\s+([\d.]+)", text),
+        "p50_ms": percentiles.get(50.0),
+        "p75_ms": percentiles.get(75.0),
+        "p90_ms": percentiles.get(90.0),
+        "p99_ms": percentiles[99.0],
+        "p999_ms": percentiles.get(99.9),
+        "mean_ms": footer.get("Mean"),
+        "max_ms": footer.get("Max", percentiles.get(100.0)),
+        "lag_p99_ms": None,
+        "non2xx": int(_wrk2_number(r"Non-2xx or 3xx responses: (\d+)", text)),
+        "unanswered": None,
+        "socket_errors": sum(int(n) for n in socket.groups()) if socket else 0,
+    }
