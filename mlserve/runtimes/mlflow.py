@@ -54,7 +54,7 @@ def load(spec: ModelSpec, options: WorkerOptions) -> SklearnRuntime | PyfuncRunt
         # server has already checked the rows against the signature's columns, in that order.
         warnings.filterwarnings("ignore", message="X does not have valid feature names", category=UserWarning)
 
-        return SklearnRuntime(mlflow.sklearn.load_model(spec.directory))
+        return SklearnRuntime(mlflow.sklearn.load_model(spec.directory), int(np.prod(spec.metadata.input_shape)))
     import mlflow.pyfunc
 
     return PyfuncRuntime(mlflow.pyfunc.load_model(spec.directory), info.signature)
