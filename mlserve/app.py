@@ -11,12 +11,12 @@ import asyncio
 import gc
 import logging
 import signal
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 
 from aiohttp import web
 from aiohttp.web_runner import GracefulExit
 
-from mlserve import connections
+from mlserve import connections, frontends
 from mlserve.api import admin, docs, experiments, health, invocations, models, predict, v2
 from mlserve.api.errors import add_fallback_route, guard
 from mlserve.api.keys import CACHE, CONTROL, LOOP_LOAD, METRICS, POOL, PREDICTION_LOG, REGISTRY, SERVICE, SETTINGS
@@ -129,8 +129,11 @@ async def _gc_ctx(app: web.Application) -> AsyncIterator[None]:
     gc.unfreeze()
 
 
-def create_app(settings: Settings) -> web.Application:
+def create_app(settings: Settings, role: frontends.Role | None = None) -> web.Application:
     """Build everything and check the repository now; processes start only when the app does.
+
+    ``role`` says which of several front ends this is (``mlserve.frontends``): the state store is
+    then shared with its siblings, and ``/metrics`` gathers theirs.
 
     A bad repository or settings error raises here, before any worker exists: aiohttp does not run
     the teardown of contexts that started when a later one fails to.
@@ -140,7 +143,7 @@ def create_app(settings: Settings) -> web.Application:
     app[METRICS] = Metrics()
     app[POOL] = WorkerPool(settings.worker_count, settings.worker_options, settings.worker_start_timeout_s)
     app[REGISTRY] = Registry()
-    app[CONTROL] = ControlPlane(settings, app[REGISTRY], app[POOL], open_store(settings), app[METRICS])
+    app[CONTROL] = ControlPlane(settings, app[REGISTRY], app[POOL], open_store(settings, shared=role is not None), app[METRICS])
     app[CONTROL].discover()
     app[METRICS].on_scrape(app[CONTROL].refresh_gauges)
     app[CACHE] = cache = PredictionCache(settings.cache, settings.cache_redis_url, settings.redis_prefix)
@@ -169,19 +172,28 @@ def create_app(settings: Settings) -> web.Application:
     health.add_routes(app)
     invocations.add_routes(app)
     v2.add_routes(app)
-    app.router.add_get("/metrics", guard(app[METRICS].handle), name="metrics")
+    scrape = app[METRICS].handle if role is None else frontends.whole_server_metrics(app[METRICS], role)
+    app.router.add_get("/metrics", guard(scrape), name="metrics")
     docs.add_routes(app, documented())
     add_fallback_route(app)
     return app
 
 
-def run(settings: Settings) -> None:
-    """Serve until SIGTERM or SIGINT, then drain and stop."""
+def run(settings: Settings, role: frontends.Role | None = None, on_listening: Callable[[], None] | None = None) -> None:
+    """Serve until SIGTERM or SIGINT, then drain and stop; as one of several front ends with ``role``."""
+    app = create_app(settings, role)
     connections.serve(
-        create_app(settings),
+        app,
         settings.http,
         host=settings.host,
         port=settings.port,
+        reuse_port=role is not None,
+        unix_path=None if role is None else role.own_socket,
+        on_listening=on_listening,
+        # Among several front ends, the kernel sends new connections to any that listens: one that
+        # (re)starts joins them only once its models are loaded, so none is sent to it to fail.
+        port_after=None if role is None else app[CONTROL].started,
+        signals=role is None,
         access_log=logging.getLogger("aiohttp.access") if settings.access_log else None,
         shutdown_timeout=settings.shutdown_timeout_s,
         # A client that hangs up cancels its handler, so its queued rows are dropped, not computed.

@@ -24,6 +24,12 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--port", type=int, help="port to listen on (MLSERVE_PORT; default 8080)")
     serve.add_argument("--workers", type=int, help="worker processes (MLSERVE_WORKERS; default: one per core)")
     serve.add_argument(
+        "--frontends",
+        type=_frontends,
+        help="front-end processes sharing the port, splitting the workers between them (MLSERVE_FRONTENDS; "
+        "default 1; auto: one per core the workers leave free)",
+    )
+    serve.add_argument(
         "--model",
         action="append",
         metavar="PATH_OR_URI",
@@ -48,6 +54,16 @@ def _parser() -> argparse.ArgumentParser:
         command.add_argument("--config", help="TOML settings file (MLSERVE_CONFIG)")
         command.add_argument("--models-dir", help="model repository (MLSERVE_MODELS_DIR; default ./models)")
     return parser
+
+
+def _frontends(value: str) -> int:
+    """``--frontends``: a count, or ``auto`` (the setting's 0)."""
+    if value == "auto":
+        return 0
+    count = int(value)
+    if count < 1:
+        raise argparse.ArgumentTypeError("--frontends takes a count of at least 1, or auto")
+    return count
 
 
 def _sources(uris: list[str], name: str | None) -> dict[str, dict[str, str]]:
@@ -82,7 +98,7 @@ def main(argv: list[str] | None = None) -> int:
     overrides: dict[str, Any] = {"models_dir": args.models_dir}
     try:
         if args.command == "serve":
-            overrides |= {"host": args.host, "port": args.port, "workers": args.workers}
+            overrides |= {"host": args.host, "port": args.port, "workers": args.workers, "frontends": args.frontends}
             if args.model or args.model_name is not None:
                 overrides["models"] = _sources(args.model or [], args.model_name)
                 if args.models_dir is None:
@@ -106,6 +122,10 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         from mlserve.app import run
 
+        if settings.frontend_count > 1:
+            from mlserve.frontends import supervise
+
+            return supervise(settings, settings.frontend_count, run)
         run(settings)
         return 0
     except MlserveError as exc:

@@ -30,6 +30,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import resource
+from collections.abc import Awaitable, Callable
 from http import HTTPStatus
 from typing import Any
 
@@ -206,9 +207,24 @@ class LimitedRunner(web.AppRunner):
         await super()._cleanup_server()
 
 
-def serve(app: web.Application, http: HttpSettings, *, host: str, port: int, **options: Any) -> None:
+def serve(
+    app: web.Application,
+    http: HttpSettings,
+    *,
+    host: str,
+    port: int,
+    reuse_port: bool = False,
+    unix_path: str | None = None,
+    on_listening: Callable[[], None] | None = None,
+    port_after: Callable[[], Awaitable[None]] | None = None,
+    signals: bool = True,
+    **options: Any,
+) -> None:
     """Serve ``app`` until SIGINT or SIGTERM, then stop listening, drain and tear down, as ``web.run_app``
-    does; ``options`` are ``AppRunner``'s.
+    does; ``options`` are ``AppRunner``'s. ``reuse_port`` lets several processes listen on one port
+    (``mlserve.frontends``); ``unix_path`` adds a Unix socket beside the port, listening at once, while
+    the port is taken only once ``port_after`` returns; ``on_listening`` is called after that. Without
+    ``signals``, SIGINT is left as it is (SIGTERM is the app's, see ``app._drain_ctx``).
 
     The signal raises aiohttp's ``GracefulExit`` out of the loop; the runner's cleanup then runs while
     the requests in flight still do, and only after it are the tasks left cancelled (``asyncio.Runner``
@@ -218,7 +234,7 @@ def serve(app: web.Application, http: HttpSettings, *, host: str, port: int, **o
     runner = LimitedRunner(
         app,
         http,
-        handle_signals=True,
+        handle_signals=signals,
         keepalive_timeout=http.keepalive_timeout_s,
         max_line_size=http.max_header_bytes,
         max_field_size=http.max_header_bytes,
@@ -226,8 +242,10 @@ def serve(app: web.Application, http: HttpSettings, *, host: str, port: int, **o
     )
     with asyncio.Runner() as loop:
         try:
-            loop.run(_listen(runner, host, port, http.backlog))
+            loop.run(_listen(runner, host, port, http.backlog, reuse_port, unix_path, port_after))
             log.info("listening on http://%s:%d", host, port)
+            if on_listening is not None:
+                on_listening()
             loop.get_loop().run_forever()
         except (GracefulExit, KeyboardInterrupt):
             pass  # the way out: a signal, as in run_app
@@ -236,10 +254,22 @@ def serve(app: web.Application, http: HttpSettings, *, host: str, port: int, **o
                 loop.run(runner.cleanup())
 
 
-async def _listen(runner: LimitedRunner, host: str, port: int, backlog: int) -> None:
+async def _listen(
+    runner: LimitedRunner,
+    host: str,
+    port: int,
+    backlog: int,
+    reuse_port: bool,
+    unix_path: str | None,
+    port_after: Callable[[], Awaitable[None]] | None,
+) -> None:
     await runner.setup()
     try:
-        await web.TCPSite(runner, host, port, backlog=backlog).start()
+        if unix_path is not None:
+            await web.UnixSite(runner, unix_path).start()
+        if port_after is not None:
+            await port_after()
+        await web.TCPSite(runner, host, port, backlog=backlog, reuse_port=reuse_port or None).start()
     except BaseException:  # the port is taken, say: tear down what started, as run_app does
         await runner.cleanup()
         raise

@@ -50,6 +50,7 @@ from mlserve.errors import (
 )
 from mlserve.experiments import Experiment, check
 from mlserve.metrics import Metrics
+from mlserve.inline import InlineExecutor
 from mlserve.pool import WorkerPool
 from mlserve.registry import Registry, ServedVersion
 from mlserve.repository import ModelSpec
@@ -108,12 +109,16 @@ class ControlPlane:
         self._settings = settings
         self._registry = registry
         self._pool = pool
+        self._inline = InlineExecutor(settings.worker_options)
+        """Runs the batches of versions whose ``executor`` is ``inline``, in this process."""
         self._store = store
         self._metrics = metrics
         self._locks: collections.defaultdict[str, asyncio.Lock] = collections.defaultdict(asyncio.Lock)
         self._rescan_lock = asyncio.Lock()
         self._tasks: list[asyncio.Task[None]] = []
         self._started = False
+        self._up = asyncio.Event()
+        """Set with ``_started``, for whoever waits for start-up loading to end."""
         self.draining = False
         """Set by ``drain`` at SIGTERM; readiness answers 503 from then on."""
         self._refused: dict[str, Experiment] = {}
@@ -205,6 +210,7 @@ class ControlPlane:
             async with self._locks[model]:
                 await self._adopt(model, experiment, "saved")
         self._started = True
+        self._up.set()
         states = self._registry.states()
         failed = [key for key, state in states.items() if state == "failed"]
         if failed:
@@ -301,6 +307,10 @@ class ControlPlane:
         """The server is stopping (SIGTERM): from now on it is not ready, so load balancers take it out
         of rotation while it answers what it has."""
         self.draining = True
+
+    async def started(self) -> None:
+        """Return once start-up loading has ended, whether every version loaded or not."""
+        await self._up.wait()
 
     @property
     def ready(self) -> bool:
@@ -630,8 +640,12 @@ class ControlPlane:
         spec, knobs = served.spec, served.batching
         served.state, served.error = "loading", None
         started = time.perf_counter()
+        warmup_rows = sorted({1, knobs.max_batch_size})
         try:
-            times = await self._pool.load(spec, sorted({1, knobs.max_batch_size}), knobs.max_compute_s)
+            if knobs.executor == "inline":
+                times = await self._inline.load(spec, warmup_rows)
+            else:
+                times = await self._pool.load(spec, warmup_rows, knobs.max_compute_s)
         except PredictionFailed as exc:
             served.state, served.error = "failed", str(exc)
             log.error("loading %s failed: %s", spec.key, exc)
@@ -642,7 +656,8 @@ class ControlPlane:
             max_batch_size=knobs.max_batch_size,
             max_delay_ms=knobs.max_delay_ms,
             max_queue=knobs.max_queue,
-            max_inflight=knobs.max_inflight or self._pool.size,
+            # Inline, a batch is done when dispatched: one slot lets the next gather a loop iteration's calls.
+            max_inflight=1 if knobs.executor == "inline" else knobs.max_inflight or self._pool.size,
             overlap_after_ms=knobs.overlap_after_ms,
             admit_by_deadline=self._settings.admission == "deadline",
             name=spec.key,
@@ -668,7 +683,10 @@ class ControlPlane:
         worker, and batches clients wait for avoid that worker, so a slow or broken shadow version
         holds up no answer; under load, shadow copies are dropped first."""
         key = served.spec.key
-        predict = self._pool.predict_in_background if background else self._pool.predict
+        if served.batching.executor == "inline":
+            predict = self._inline.predict
+        else:
+            predict = self._pool.predict_in_background if background else self._pool.predict
         # An image model's rows are encoded images that its worker decodes; feature rows stack here.
         prepare = _unchanged if served.takes_images else _stacker(served.row_shape)
 
@@ -687,7 +705,10 @@ class ControlPlane:
         if served.batcher is not None:
             why = f"{served.spec.key} is being unloaded; call without a version to reach the active one"
             await served.batcher.drain(self._settings.request_timeout_ms / 1000.0, why)
-        await self._pool.unload(served.spec.key)
+        if served.batching.executor == "inline":
+            self._inline.unload(served.spec.key)
+        else:
+            await self._pool.unload(served.spec.key)
         served.batcher, served.mirror, served.state = None, None, "unloaded"
         log.info("unloaded %s", served.spec.key)
 

@@ -230,3 +230,9 @@ class Metrics:
         self._export()
         content, headers = render(self.registry, request.headers.getall("Accept", []))
         return web.Response(body=content, headers=headers)
+
+    def text(self) -> str:
+        """This process's figures in Prometheus's text format."""
+        self._export()
+        content, _ = render(self.registry, [])
+        return content.decode()

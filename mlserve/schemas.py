@@ -107,7 +107,7 @@ class ModelMetadata(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     accuracy: float | None = None
     class_labels: list[str] = []
     description: str = ""
-    batching: dict[str, float] = {}
+    batching: dict[str, float | str] = {}
     module_class: str = ""
     image: ImageInput | None = None
 

@@ -71,9 +71,12 @@ class BatchingSettings(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     max_inflight: PositiveInt | None = None
     overlap_after_ms: NonNegativeFloat = 2.0
     max_compute_s: PositiveFloat = 60.0
+    executor: Literal["pool", "inline"] = "pool"
+    """Where batches run: ``pool``, the worker processes; ``inline``, the front end's own process, for a
+    model whose batch costs less than the trip to a worker (see ``mlserve.inline``)."""
 
 
-def _check_batching(knobs: Mapping[str, float]) -> None:
+def _check_batching(knobs: Mapping[str, float | str]) -> None:
     try:
         msgspec.convert(knobs, BatchingSettings, strict=False)
     except msgspec.ValidationError as exc:
@@ -163,7 +166,7 @@ class ModelSettings(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     preload: Preload = "all"
     """Which versions load at start: all of them, only the active one, or those listed (and the
     active one). The others can be loaded or activated later through the admin API."""
-    batching: dict[str, float] = {}
+    batching: dict[str, float | str] = {}
     cache: ModelCacheSettings = ModelCacheSettings()
 
     def __post_init__(self) -> None:
@@ -186,6 +189,9 @@ class Settings(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     """The model repository on disk; empty: none (every model comes from its ``source``)."""
     workers: Annotated[int, msgspec.Meta(ge=0)] = 0
     """Worker processes; 0 means one per core."""
+    frontends: Annotated[int, msgspec.Meta(ge=0)] = 1
+    """Front-end processes sharing the port (``mlserve.frontends``); 0 means one per core that the
+    workers leave free, at least one."""
     worker_threads: PositiveInt = 1
     """Threads each worker gives torch/BLAS/OpenMP, so N workers never oversubscribe the cores."""
     worker_start_timeout_s: PositiveFloat = 120.0
@@ -217,7 +223,7 @@ class Settings(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     log_level: str = "INFO"
     access_log: bool = False
     """Off by default: aiohttp's access log formats a line per request on the hot path."""
-    batching: dict[str, float] = {}
+    batching: dict[str, float | str] = {}
     """Knobs forced on every model (fields of ``BatchingSettings``)."""
     models: dict[str, ModelSettings] = {}
     admin_token: Secret | None = None
@@ -301,6 +307,10 @@ class Settings(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     @property
     def worker_count(self) -> int:
         return self.workers or os.cpu_count() or 1
+
+    @property
+    def frontend_count(self) -> int:
+        return self.frontends or max(1, (os.cpu_count() or 1) - self.worker_count)
 
     @property
     def worker_options(self) -> WorkerOptions:

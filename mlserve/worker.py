@@ -61,8 +61,9 @@ def _warmup_input(spec: ModelSpec, rows: int) -> Any:
     return np.zeros(shape)
 
 
-class _Models:
-    """The worker's model table; loading warms a model so the first real request is not slow."""
+class ModelTable:
+    """A worker's model table (and an inline executor's); loading warms a model so the first real
+    request is not slow."""
 
     def __init__(self, options: WorkerOptions) -> None:
         self._options = options
@@ -95,7 +96,7 @@ class _Models:
         return self._table[key].predict(batch)
 
 
-def _handle(models: _Models, message: ipc.Message) -> ipc.Reply:
+def _handle(models: ModelTable, message: ipc.Message) -> ipc.Reply:
     started = time.perf_counter()
     if isinstance(message, ipc.Predict):
         result = models.predict(message.key, message.rows)
@@ -117,7 +118,7 @@ def main(sock: socket.socket, options: WorkerOptions) -> None:
     out_of_memory = "the model ran out of memory" + (
         f": a worker may take {options.max_memory_mb} MB (worker_max_memory_mb)" if options.max_memory_mb else ""
     )
-    models = _Models(options)
+    models = ModelTable(options)
     sock.sendall(ipc.frame(ipc.Reply(ipc.HELLO_ID, ipc.STATUS_OK, os.getpid(), 0.0)))
     while True:
         try:

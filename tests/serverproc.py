@@ -42,6 +42,10 @@ WaitFor = Literal["ready", "loaded", "live"]
 loading whether it succeeded or failed, or only the process answering (/health/live)."""
 
 
+ALL_FRONTENDS_LISTEN = "front ends listen on"
+"""What the supervisor of several front ends logs once every one of them has joined the port."""
+
+
 class ServerFailed(AssertionError):
     """The server did not start, did not stop in time, or logged a traceback it should not have."""
 
@@ -125,8 +129,12 @@ class ServerProc:
         expect_traceback: bool = False,
         host: str = "127.0.0.1",
         args: Sequence[str] = (),
+        frontends: int = 1,
     ) -> None:
         self.models_dir = models_dir
+        self.frontends = frontends
+        """With more than one, ``start`` waits until every front end listens (each joins the port only
+        once its models are loaded)."""
         self.args = list(args)
         """More ``mlserve serve`` arguments (``--model URI``)."""
         self.workdir = workdir
@@ -176,6 +184,8 @@ class ServerProc:
         self.port = free_port()
         args = ["serve", "--host", self.host, "--port", str(self.port)]
         args += ["--models-dir", str(self.models_dir), "--workers", str(self.workers), *self.args]
+        if self.frontends != 1:
+            args += ["--frontends", str(self.frontends)]
         if self.config is not None:
             config_path = self.workdir / "mlserve.toml"
             config_path.write_text(self.config)
@@ -211,9 +221,9 @@ class ServerProc:
                 last = repr(exc)
             else:
                 last = f"{status} {body}"
-                if status == 200 or (
+                if (status == 200 or (
                     wait == "loaded" and "loading" not in body.get("models", {"": "loading"}).values()
-                ):
+                )) and (self.frontends == 1 or wait == "live" or ALL_FRONTENDS_LISTEN in self.log()):
                     return
             if time.monotonic() > deadline:
                 raise ServerFailed(f"mlserve not {wait} within {timeout_s:.0f}s (last: {last}):\n{self.log()}")
@@ -311,9 +321,13 @@ def serve(
     workers: int = 2,
     wait: WaitFor = "ready",
     expect_traceback: bool = False,
+    frontends: int = 1,
 ) -> Iterator[ServerProc]:
     """A started server that is always stopped afterwards, and whose log is checked if all went well."""
-    server = ServerProc(models_dir, workdir, env=env, config=config, workers=workers, expect_traceback=expect_traceback)
+    server = ServerProc(
+        models_dir, workdir, env=env, config=config, workers=workers, expect_traceback=expect_traceback,
+        frontends=frontends,
+    )
     server.start(wait)
     try:
         yield server

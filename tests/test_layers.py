@@ -35,6 +35,7 @@ ALLOWED: dict[str, set[str]] = {
     "images": {"errors", "runtimes", "schemas"},
     "worker": {"images", "ipc", "repository", "runtimes", "settings"},
     "pool": {"errors", "ipc", "repository", "settings", "worker"},
+    "inline": {"errors", "ipc", "repository", "settings", "worker"},
     "batcher": {"errors"},
     "redislink": set(),
     "cache": {"batcher", "errors", "redislink", "settings"},
@@ -42,7 +43,7 @@ ALLOWED: dict[str, set[str]] = {
     "routing": {"errors", "experiments", "registry"},
     "state": {"errors", "experiments", "settings"},
     "control": {
-        "batcher", "cache", "errors", "experiments", "metrics", "pool", "registry", "repository", "settings",
+        "batcher", "cache", "errors", "experiments", "inline", "metrics", "pool", "registry", "repository", "settings",
         "sources.mlflow", "state",
     },
     "loopload": set(),
@@ -77,11 +78,14 @@ ALLOWED: dict[str, set[str]] = {
         "registry", "service", "settings",
     },
     "app": {
-        "api", "api.errors", "api.keys", "api.routedoc", "cache", "connections", "control", "loopload", "metrics", "pool",
+        "api", "api.errors", "api.keys", "api.routedoc", "cache", "connections", "control", "frontends", "loopload",
+        "metrics", "pool",
         "predictionlog", "registry", "service", "settings", "state",
     },
     "connections": {"schemas", "settings"},
-    "cli": {"app", "demo_models", "errors", "repository", "settings", "sources.bare", "sources.mlflow"},
+    "metricsmerge": set(),
+    "frontends": {"metrics", "metricsmerge", "settings"},
+    "cli": {"app", "demo_models", "errors", "frontends", "repository", "settings", "sources.bare", "sources.mlflow"},
     "": set(),
     "__main__": {"cli"},
 }

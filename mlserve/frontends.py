@@ -1,0 +1,218 @@
+"""Several front-end processes serving as one server (``--frontends N``).
+
+One aiohttp process parses and answers every request, so for a cheap model its event loop is the
+ceiling however many cores are idle. With N front ends, a supervisor (this module, in the process
+that was started) spawns N front-end processes. Each binds the same port with ``SO_REUSEPORT``, so
+the kernel spreads new connections over them, and each is a whole mlserve: its own control plane,
+batchers, cache L1 and worker pool, with the workers split between them (``--workers`` is the
+total). They act as one server the way replicas do (DESIGN.md, "State and scale-out"): every change
+goes through the shared state store (the state file, watched, or Redis), which each front end
+follows; and a scrape of ``/metrics`` on any of them gathers every front end's figures over the
+private Unix sockets named in ``Role``.
+
+Workers are split rather than shared: a worker shared by several front ends would need its loads,
+unloads and replacement agreed between processes, while split workers keep each front end's pool
+exactly the single-process one, with the same memory (every worker holds every model either way).
+
+The supervisor forwards SIGTERM (and SIGINT) to every front end, each of which drains as a single
+server does; a front end that dies while serving is started again. One that fails before it
+listens stops the whole server, since the next would fail the same way (a taken port, a bad model).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import multiprocessing
+import os
+import signal
+import tempfile
+import time
+from collections.abc import Callable
+from multiprocessing.connection import Connection, wait
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import msgspec
+from aiohttp import web
+
+from mlserve.metrics import Metrics
+from mlserve.metricsmerge import merge
+from mlserve.settings import Settings
+
+log = logging.getLogger(__name__)
+
+LISTENING = "listening"
+"""What a front end sends its supervisor once it accepts connections."""
+SOCKET_NAME = "frontend-{}.sock"
+"""A front end's Unix socket in the run directory, by its index."""
+SIBLING_TIMEOUT_S = 2.0
+"""A sibling that does not answer a scrape within this is left out of it (and the answer says so)."""
+ONE_FRONTEND = "frontend"
+"""``/metrics?scope=frontend``: this front end's figures alone (what a sibling's scrape asks for)."""
+KILL_AFTER_S = 15.0
+"""Grace beyond ``drain_delay_s`` and ``shutdown_timeout_s`` before a front end that has not stopped is killed."""
+RESTART_PAUSE_S = 1.0
+"""A front end that died is started again after this, so one that dies at once does not spin."""
+
+
+class Role(msgspec.Struct, frozen=True):
+    """Which front end of how many a process is, and where its siblings answer."""
+
+    index: int
+    count: int
+    run_dir: str
+    """A private directory holding each front end's Unix socket."""
+
+    def socket_path(self, index: int) -> str:
+        return str(Path(self.run_dir) / SOCKET_NAME.format(index))
+
+    @property
+    def own_socket(self) -> str:
+        return self.socket_path(self.index)
+
+    @property
+    def siblings(self) -> list[str]:
+        return [self.socket_path(i) for i in range(self.count) if i != self.index]
+
+
+Serve = Callable[[Settings, Role | None, Callable[[], None] | None], None]
+"""Runs one front end until it is told to stop: ``app.run``. The third argument is called once it
+listens."""
+
+
+def whole_server_metrics(metrics: Metrics, role: Role) -> Callable[[web.Request], Any]:
+    """The ``/metrics`` handler of a front end among several: its own figures merged with every
+    sibling's, fetched over their Unix sockets, so a scrape describes the whole server wherever the
+    kernel sent it. ``mlserve_frontends_scraped`` says how many front ends the answer holds."""
+
+    async def fetch(path: str) -> str:
+        timeout = aiohttp.ClientTimeout(total=SIBLING_TIMEOUT_S)
+        async with aiohttp.ClientSession(connector=aiohttp.UnixConnector(path), timeout=timeout) as session:
+            async with session.get("http://frontend/metrics", params={"scope": ONE_FRONTEND}) as response:
+                response.raise_for_status()
+                return await response.text()
+
+    async def handle(request: web.Request) -> web.Response:
+        if request.query.get("scope") == ONE_FRONTEND:
+            return web.Response(text=metrics.text(), content_type="text/plain", charset="utf-8")
+        answers = await asyncio.gather(*(fetch(path) for path in role.siblings), return_exceptions=True)
+        texts = [metrics.text()]
+        for path, answer in zip(role.siblings, answers):
+            if isinstance(answer, BaseException):
+                log.warning("front end at %s left out of this scrape: %s", path, answer or type(answer).__name__)
+            else:
+                texts.append(answer)
+        scraped = (
+            "# HELP mlserve_frontends_scraped Front ends whose figures this answer holds, of mlserve_frontends.\n"
+            f"# TYPE mlserve_frontends_scraped gauge\nmlserve_frontends_scraped {len(texts)}\n"
+            "# HELP mlserve_frontends Front-end processes the server runs.\n"
+            f"# TYPE mlserve_frontends gauge\nmlserve_frontends {role.count}\n"
+        )
+        return web.Response(text=merge(texts) + scraped, content_type="text/plain", charset="utf-8")
+
+    return handle
+
+
+def worker_share(total: int, count: int, index: int) -> int:
+    """Front end ``index``'s part of ``total`` workers: an even split, at least one each."""
+    return max(1, total // count + (index < total % count))
+
+
+def supervise(settings: Settings, count: int, serve: Serve) -> int:
+    """Run ``count`` front ends until SIGTERM or SIGINT and they have drained; the exit status."""
+    run_dir = tempfile.mkdtemp(prefix="mlserve-frontends-")
+    context = multiprocessing.get_context("spawn")
+    processes: dict[int, Any] = {}
+    links: dict[Connection, int] = {}
+    stopping = False
+    deadline = math.inf
+    """When front ends still running after a stop are killed."""
+
+    def start(index: int) -> None:
+        role = Role(index, count, run_dir)
+        share = msgspec.structs.replace(settings, workers=worker_share(settings.worker_count, count, index))
+        ours, theirs = context.Pipe(duplex=False)
+        process = context.Process(target=_frontend, args=(serve, share, role, theirs), name=f"frontend-{index}")
+        process.start()
+        theirs.close()
+        processes[index] = process
+        links[ours] = index
+
+    def stop(signum: int, _frame: object) -> None:
+        nonlocal stopping, deadline
+        if not stopping:
+            deadline = time.monotonic() + settings.drain_delay_s + settings.shutdown_timeout_s + KILL_AFTER_S
+        stopping = True
+        for process in processes.values():
+            if process.is_alive() and process.pid is not None:
+                os.kill(process.pid, signal.SIGTERM if signum == signal.SIGINT else signum)
+
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
+    for index in range(count):
+        start(index)
+    listening: set[int] = set()
+    status = 0
+    try:
+        while processes:
+            sentinels = {process.sentinel: index for index, process in processes.items()}
+            awake = wait([*links, *sentinels], None if deadline == math.inf else max(0.0, deadline - time.monotonic()))
+            if not awake:
+                log.error("front ends %s did not stop in time; killing them", sorted(processes))
+                for process in processes.values():
+                    process.kill()
+                deadline = math.inf
+            for ready in awake:
+                if isinstance(ready, Connection):
+                    index = links.pop(ready)
+                    try:
+                        ready.recv()
+                        listening.add(index)
+                        if len(listening) == count:
+                            log.info("%d front ends listen on http://%s:%d (and each on %s)", count, settings.host,
+                                     settings.port, Path(run_dir) / SOCKET_NAME.format("<n>"))
+                    except EOFError:
+                        pass  # it died before listening: its sentinel says so
+                    ready.close()
+                    continue
+                index = sentinels[ready]
+                process = processes.pop(index)
+                process.join()
+                if stopping:
+                    status = status or (1 if process.exitcode else 0)
+                elif index not in listening:
+                    log.error("front end %d failed to start (exit %s); stopping", index, process.exitcode)
+                    status = 2
+                    stop(signal.SIGTERM, None)
+                else:
+                    log.error("front end %d exited (%s); starting it again", index, process.exitcode)
+                    listening.discard(index)
+                    time.sleep(RESTART_PAUSE_S)
+                    start(index)
+    finally:
+        for link in links:
+            link.close()
+        for path in Path(run_dir).glob("*"):
+            path.unlink(missing_ok=True)
+        os.rmdir(run_dir)
+    return status
+
+
+def _frontend(serve: Serve, settings: Settings, role: Role, link: Connection) -> None:
+    """A front end's process: the supervisor's logging, then the server. It ignores SIGINT, which a
+    terminal's Ctrl-C sends the whole process group: the supervisor passes it on, once, as SIGTERM."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    logging.basicConfig(
+        level=settings.log_level.upper(),
+        format=f"%(asctime)s %(levelname)s [frontend {role.index}] %(name)s: %(message)s",
+    )
+    try:
+        serve(settings, role, lambda: (link.send(LISTENING), link.close()))
+    finally:
+        # The pool has stopped its workers by now; any left (they ignore SIGTERM) would keep this
+        # process joining them at exit, and the supervisor waiting for it, for ever.
+        for child in multiprocessing.active_children():
+            child.kill()
