@@ -642,9 +642,15 @@ class ControlPlane:
         started = time.perf_counter()
         warmup_rows = sorted({1, knobs.max_batch_size})
         try:
-            if knobs.executor == "inline":
+            served.executor = knobs.executor
+            if served.executor != "pool":
                 times = await self._inline.load(spec, warmup_rows)
-            else:
+            if served.executor == "auto":
+                served.executor = "inline" if await self._inline.cheap(spec, knobs.max_batch_size) else "pool"
+                log.info("%s runs %s: its batch of %d rows measured", spec.key, served.executor, knobs.max_batch_size)
+                if served.executor == "pool":
+                    self._inline.unload(spec.key)
+            if served.executor == "pool":
                 times = await self._pool.load(spec, warmup_rows, knobs.max_compute_s)
         except PredictionFailed as exc:
             served.state, served.error = "failed", str(exc)
@@ -657,7 +663,7 @@ class ControlPlane:
             max_delay_ms=knobs.max_delay_ms,
             max_queue=knobs.max_queue,
             # Inline, a batch is done when dispatched: one slot lets the next gather a loop iteration's calls.
-            max_inflight=1 if knobs.executor == "inline" else knobs.max_inflight or self._pool.size,
+            max_inflight=1 if served.executor == "inline" else knobs.max_inflight or self._pool.size,
             overlap_after_ms=knobs.overlap_after_ms,
             admit_by_deadline=self._settings.admission == "deadline",
             name=spec.key,
@@ -683,7 +689,7 @@ class ControlPlane:
         worker, and batches clients wait for avoid that worker, so a slow or broken shadow version
         holds up no answer; under load, shadow copies are dropped first."""
         key = served.spec.key
-        if served.batching.executor == "inline":
+        if served.executor == "inline":
             predict = self._inline.predict
         else:
             predict = self._pool.predict_in_background if background else self._pool.predict
@@ -705,7 +711,7 @@ class ControlPlane:
         if served.batcher is not None:
             why = f"{served.spec.key} is being unloaded; call without a version to reach the active one"
             await served.batcher.drain(self._settings.request_timeout_ms / 1000.0, why)
-        if served.batching.executor == "inline":
+        if served.executor == "inline":
             self._inline.unload(served.spec.key)
         else:
             await self._pool.unload(served.spec.key)

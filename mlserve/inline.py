@@ -20,7 +20,13 @@ from mlserve import ipc
 from mlserve.errors import PredictionFailed
 from mlserve.repository import ModelSpec
 from mlserve.settings import WorkerOptions
-from mlserve.worker import ModelTable
+from mlserve.worker import ModelTable, warmup_input
+
+INLINE_BELOW_S = 0.0002
+"""``executor = "auto"`` runs a version inline when its warm batch of ``max_batch_size`` rows takes
+less than this: about what the trip to a worker and back costs the front end and the answer's wait."""
+TIMED_BATCHES = 5
+"""Batches timed to decide (the quickest counts: the others met a busy machine)."""
 
 
 class InlineExecutor:
@@ -35,6 +41,20 @@ class InlineExecutor:
             return await asyncio.to_thread(self._table.load, spec, warmup_rows)
         except Exception as exc:
             raise PredictionFailed(f"{type(exc).__name__}: {exc}") from None
+
+    async def cheap(self, spec: ModelSpec, rows: int) -> bool:
+        """Whether a loaded version's batch of ``rows`` costs less than a trip to a worker."""
+        batch = warmup_input(spec, rows)
+
+        def quickest() -> float:
+            times = []
+            for _ in range(TIMED_BATCHES):
+                started = time.perf_counter()
+                self._table.predict(spec.key, batch)
+                times.append(time.perf_counter() - started)
+            return min(times)
+
+        return await asyncio.to_thread(quickest) < INLINE_BELOW_S
 
     def unload(self, key: str) -> None:
         self._table.unload(key)

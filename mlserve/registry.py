@@ -32,6 +32,7 @@ class ServedVersion:
     __slots__ = (
         "spec",
         "batching",
+        "executor",
         "state",
         "error",
         "batcher",
@@ -57,6 +58,8 @@ class ServedVersion:
     ) -> None:
         self.spec = spec
         self.batching = batching
+        self.executor = batching.executor
+        """Where its batches run: ``batching.executor``, with ``auto`` resolved when it loads."""
         self.state: State = "unloaded"
         self.error: str | None = None
         self.batcher: Batcher | None = None

@@ -71,9 +71,10 @@ class BatchingSettings(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     max_inflight: PositiveInt | None = None
     overlap_after_ms: NonNegativeFloat = 2.0
     max_compute_s: PositiveFloat = 60.0
-    executor: Literal["pool", "inline"] = "pool"
+    executor: Literal["pool", "inline", "auto"] = "pool"
     """Where batches run: ``pool``, the worker processes; ``inline``, the front end's own process, for a
-    model whose batch costs less than the trip to a worker (see ``mlserve.inline``)."""
+    model whose batch costs less than the trip to a worker (see ``mlserve.inline``); ``auto``, inline
+    if a warm batch of ``max_batch_size`` rows measures under ``mlserve.inline.INLINE_BELOW_S`` at load."""
 
 
 def _check_batching(knobs: Mapping[str, float | str]) -> None:

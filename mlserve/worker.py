@@ -48,7 +48,7 @@ def _limit_memory(megabytes: int) -> None:
         resource.setrlimit(resource.RLIMIT_DATA, (megabytes << 20, hard))
 
 
-def _warmup_input(spec: ModelSpec, rows: int) -> Any:
+def warmup_input(spec: ModelSpec, rows: int) -> Any:
     if spec.metadata.image is not None:
         from mlserve.images import blank_png
 
@@ -83,7 +83,7 @@ class ModelTable:
             model = ImageClassifier(runtime, spec.metadata.image, self._options.max_image_pixels)
         loaded = time.perf_counter()
         for rows in warmup_rows:
-            outputs = model.predict(_warmup_input(spec, rows))  # type: ignore[arg-type]
+            outputs = model.predict(warmup_input(spec, rows))  # type: ignore[arg-type]
             if len(outputs) != rows:
                 raise ValueError(f"warm-up batch of {rows} rows gave {len(outputs)} outputs")
         self._table[spec.key] = model

@@ -46,3 +46,17 @@ async def test_an_inline_model_that_fails_fails_its_batch_not_the_front_end(
     message = assert_error(await call(http, "POST", server.url("/predict"), json_body={"features": [1.0, 2, 3, 4]}), 500)
     assert "this model is broken" in message
     assert (await call(http, "GET", server.url("/health/ready"))).status == 200
+
+
+async def test_auto_runs_the_cheap_version_inline_and_the_dear_one_on_the_workers(
+    http: aiohttp.ClientSession, start_server: StartServer, demo_models_dir: Path, offline: dict[str, list[int]],
+    iris_rows: list[list[float]],
+) -> None:
+    server = start_server(demo_models_dir, env={"MLSERVE_BATCHING__EXECUTOR": "auto"})
+    listing = assert_ok(await call(http, "GET", server.url(f"/models/{IRIS}/versions")))
+    assert {v["version"]: v["batching"]["executor"] for v in listing["versions"]} == {"v1": "inline", "v2": "pool"}
+    assert "iris_classifier:v1 runs inline" in server.log()
+    for version in ("v1", "v2"):
+        assert assert_ok(await predict_batch(http, server, iris_rows, model_version=version))["predictions"] == (
+            offline[version]
+        )

@@ -28,7 +28,7 @@ def describe(registry: Registry, model: str, source: SourceStatus | None = None)
             input_shape=served.spec.metadata.input_shape,
             class_labels=served.spec.metadata.class_labels,
             description=served.spec.metadata.description,
-            batching=msgspec.structs.asdict(served.batching),
+            batching={**msgspec.structs.asdict(served.batching), "executor": served.executor},
             inputs="image" if served.takes_images else "features",
             path=served.spec.directory,
             cache=CacheInfo(enabled=served.cache is not None, ttl_s=served.cache.ttl_s if served.cache else None),
