@@ -38,9 +38,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="comma-separated closed-loop connection counts (default: "
                         + ",".join(map(str, scenarios.DEFAULT_CONCURRENCY)) + ")")
     parser.add_argument("--duration", type=float, default=None,
-                        help="seconds per measured point (default 15, quick 3)")
+                        help="seconds per measured point (default 10, quick 3)")
     parser.add_argument("--warmup", type=float, default=None,
-                        help="warm-up seconds before each point (default 3, quick 1)")
+                        help="warm-up seconds before each point (default 2, quick 1)")
     parser.add_argument("--open-loop-duration", type=float, default=None,
                         help="measured seconds per open-loop point (default 6, quick 2)")
     parser.add_argument("--wrk2", default=None, metavar="PATH",
@@ -51,7 +51,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--workers", type=int, default=2,
                         help="mlserve --workers (model worker processes; default 2)")
     parser.add_argument("--floor-workers", type=int, default=1,
-                        help="HTTP floor processes (default 1: mlserve has one aiohttp front end)")
+                        help="HTTP floor processes (default 1: the ceiling of one aiohttp process)")
+    parser.add_argument("--frontends", default=None, metavar="N,N,...",
+                        help="front-end counts to sweep, e.g. 1,2,4: per count, at "
+                        f"{scenarios.FRONTEND_CONCURRENCY} connections, v1 on that many mlserve front ends with "
+                        "the worker pool (v1-feN) and with the inline executor (v1-feN-inline), and the floor at "
+                        "that many processes (floor-feN); each needs --workers >= N")
     parser.add_argument("--wrk-core", type=int, default=1,
                         help="CPU core wrk is pinned to with taskset; -1 disables pinning")
     parser.add_argument("--models-dir", type=Path, default=None,
@@ -74,8 +79,13 @@ def main(argv: list[str] | None = None) -> int:
     try:
         chosen = scenarios.select(args.scenarios, peers=args.peers)
         concurrency = scenarios.parse_concurrency(args.concurrency)
+        sweep = scenarios.parse_counts(args.frontends, "--frontends") if args.frontends else []
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)
+        return 2
+    if sweep and sweep[-1] > args.workers:
+        print(f"error: --frontends {sweep[-1]} needs --workers >= {sweep[-1]} (each front end gets a worker of "
+              f"its own), got --workers {args.workers}", file=sys.stderr)
         return 2
     if not wrk_available():
         print("error: wrk not found; install it: apt-get update && apt-get install -y wrk",
@@ -88,6 +98,15 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
     notes: list[str] = []
+    chosen = [dataclasses.replace(s, frontends=args.floor_workers) if s.kind == "floor" else s for s in chosen]
+    chosen = scenarios.with_frontends(chosen, sweep, concurrency)
+    crowded = [s.name for s in chosen if s.kind == "mlserve" and s.frontends > args.workers]
+    if crowded:
+        # mlserve would give each front end a worker anyway: more workers than the run says it measures.
+        note = f"{', '.join(crowded)} skipped: more front ends than --workers {args.workers}"
+        print(f"warning: {note}", file=sys.stderr)
+        notes.append(note)
+        chosen = [s for s in chosen if s.name not in crowded]
     mlserve_cmd = servers.mlserve_command(args.mlserve)
     wants_mlserve = any(s.kind == "mlserve" for s in chosen)
     if wants_mlserve and (mlserve_cmd is None or not servers.mlserve_serve_works(mlserve_cmd)):

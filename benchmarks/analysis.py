@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from benchmarks.scenarios import PEER_VERSION
+from benchmarks.scenarios import FRONTEND_CONCURRENCY, FRONTEND_SERIES, PEER_VERSION
 
 Point = dict[str, Any]
 
@@ -125,6 +125,36 @@ def open_loop_tails(points: list[Point]) -> list[dict[str, Any]]:
     return sorted(rows, key=lambda row: (row["scenario"], row["fraction"]))
 
 
+def frontend_rows(points: list[Point]) -> list[dict[str, Any]]:
+    """The front-ends table: every measured point at 64 connections of the floor or of plain v1 (any front
+    ends, either executor), by line then front ends, each with its req/s over the single-process floor's.
+
+    Why over the single-process floor rather than the floor at as many processes: one aiohttp process is
+    the ceiling more front ends are meant to lift, so the ratio says how far above it they got; the floor's
+    own processes are rows of their own, the most as many processes could give.
+    """
+    at = [p for p in closed(points) if p.get("frontend_series") and p["concurrency"] == FRONTEND_CONCURRENCY
+          and p.get("rps") is not None]
+    single = next((p for p in at if p["frontend_series"] == "floor" and p.get("frontends", 1) == 1), None)
+    rows = []
+    for p in sorted(at, key=lambda p: (FRONTEND_SERIES.index(p["frontend_series"]), p.get("frontends", 1))):
+        ratio = _div(p["rps"], single["rps"] if single else None)
+        rows.append({
+            "scenario": p["scenario"],
+            "series": p["frontend_series"],
+            "frontends": p.get("frontends", 1),
+            "executor": p.get("executor"),
+            "rps": round(p["rps"], 1),
+            "vs_single_floor": round(ratio, 4) if ratio is not None else None,
+            "p50_ms": p["p50_ms"],
+            "p99_ms": p["p99_ms"],
+            "non2xx": p["non2xx"],
+            "server_cpu_pct": p.get("server_cpu_pct"),
+            "other_cpu_pct": p.get("other_cpu_pct"),
+        })
+    return rows
+
+
 HALF = 0.5
 """The open-loop fraction of capacity the headline reads the tails at."""
 
@@ -144,6 +174,9 @@ def headline(points: list[Point]) -> dict[str, Any]:
         "vs_peer_at_64": {},
         "vs_reference_at_64": {},
         "open_loop_p99_vs_floor_at_half": [row for row in open_loop_tails(points) if row["fraction"] == HALF],
+        # What more front ends (or batches in the front end) buy v1, against one aiohttp process.
+        "frontends_at_64": [row for row in frontend_rows(points) if row["series"] != "floor"
+                            and (row["frontends"] > 1 or row["executor"] != "pool")],
     }
     for point, reference in against_reference(points, 64):
         out["vs_reference_at_64"][point["scenario"]] = {
@@ -237,6 +270,13 @@ def headline_lines(head: dict[str, Any]) -> list[str]:
             f"{d['scenario']} open loop at {d['target_rps']:.0f} req/s (half its capacity, {d['generator']}): "
             f"p99 {d['p99_ms']:.2f} ms vs {d['floor']} {d['floor_p99_ms']:.2f} ms at that rate "
             f"({times(d['p99_vs_floor'])})"
+        )
+    for d in head.get("frontends_at_64", []):
+        floor = "single-process floor not measured" if d["vs_single_floor"] is None else (
+            f"{times(d['vs_single_floor'])} the single-process floor")
+        lines.append(
+            f"{d['scenario']} ({d['frontends']} front end{'s' if d['frontends'] > 1 else ''}, {d['executor']} "
+            f"executor) @ c=64: {d['rps']:.0f} req/s = {floor}, p99 {d['p99_ms']:.1f} ms"
         )
     for version, d in head.get("c1_p50_on_vs_off", {}).items():
         lines.append(

@@ -26,11 +26,19 @@ _COLORS = {
     "mlflow-v1": "tab:pink",
     "v1-invocations": "tab:gray",
 }
+_FRONTEND_LINES = (("pool", "v1, batches in the worker pool", "tab:blue"),
+                   ("inline", "v1, batches inline in each front end", "tab:green"),
+                   ("floor", "HTTP floor processes", "black"))
+"""The front-ends plot's lines: series, legend, colour."""
 _REFERENCE_RATIOS = (("vs_reference", "req/s"), ("p50_vs_reference", "p50"), ("p99_vs_reference", "p99"))
 
 
 def write_all(run: dict[str, Any], out_dir: Path, date: str) -> dict[str, Path]:
-    """Write every artefact; returns their paths keyed by kind."""
+    """Write every artefact; returns their paths keyed by kind.
+
+    The plots only some runs make are decided first, so that the JSON, written before any plot (a plot
+    that fails must not cost the record), lists every artefact.
+    """
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = {
         "json": out_dir / f"{date}.json",
@@ -40,6 +48,12 @@ def write_all(run: dict[str, Any], out_dir: Path, date: str) -> dict[str, Path]:
         "open_loop_png": out_dir / f"{date}-open-loop.png",
         "batches_png": out_dir / f"{date}-batches.png",
     }
+    if any(p.get("cache") for p in run["points"]) or run.get("outage"):
+        paths["cache_png"] = out_dir / f"{date}-cache.png"
+    if run.get("frontends"):
+        paths["frontends_png"] = out_dir / f"{date}-frontends.png"
+    if against_reference(run["points"]):
+        paths["references_png"] = out_dir / f"{date}-references.png"
     run["artefacts"] = {k: str(v) for k, v in paths.items()}
     paths["json"].write_text(json.dumps(run, indent=2, sort_keys=False) + "\n")
     paths["markdown"].write_text(markdown(run))
@@ -47,13 +61,11 @@ def write_all(run: dict[str, Any], out_dir: Path, date: str) -> dict[str, Path]:
     plot_latency(run, paths["latency_png"])
     plot_open_loop(run, paths["open_loop_png"])
     plot_batches(run, paths["batches_png"])
-    if any(p.get("cache") for p in run["points"]) or run.get("outage"):
-        paths["cache_png"] = out_dir / f"{date}-cache.png"
-        run["artefacts"]["cache_png"] = str(paths["cache_png"])
+    if "cache_png" in paths:
         plot_cache(run, paths["cache_png"])
-    if against_reference(run["points"]):
-        paths["references_png"] = out_dir / f"{date}-references.png"
-        run["artefacts"]["references_png"] = str(paths["references_png"])
+    if "frontends_png" in paths:
+        plot_frontends(run, paths["frontends_png"])
+    if "references_png" in paths:
         plot_references(run, paths["references_png"])
     return paths
 
@@ -113,6 +125,7 @@ def markdown(run: dict[str, Any]) -> str:
         )
     out.append("")
     out += _reference_table(run["points"])
+    out += frontends_table(run.get("frontends", []))
     out += _cache_tables(run)
     out += _open_loop_table(run["points"])
     out += _open_loop_tails_table(run.get("open_loop_tails", []))
@@ -152,7 +165,8 @@ def markdown(run: dict[str, Any]) -> str:
         "non-2xx = wrk's errors.status (HTTP status >= 400). % floor = req/s over the bare "
         "aiohttp floor at the same concurrency in this run. mean batch = delta of "
         "`mlserve_batch_size` _sum/_count around the measured window. CPU % is of one core "
-        "(server = all its processes; front end = the process we started; other = host busy "
+        "(server = all its processes; front end = the process we started, with several front ends their "
+        "supervisor; other = host busy "
         "CPU minus server and wrk, i.e. noise from unrelated processes).",
         "",
     ]
@@ -208,6 +222,28 @@ def _reference_table(points: list[dict[str, Any]]) -> list[str]:
             f"| {times(r.get('vs_reference'))}{_rows_ratio(p, ref)} | {p['p50_ms']:.2f} / {ref['p50_ms']:.2f} "
             f"| {times(r.get('p50_vs_reference'))} | {p['p99_ms']:.2f} / {ref['p99_ms']:.2f} "
             f"| {times(r.get('p99_vs_reference'))} |"
+        )
+    return out + [""]
+
+
+def frontends_table(rows: list[dict[str, Any]]) -> list[str]:
+    """The front-ends table (``analysis.frontend_rows``): req/s at 64 connections by front ends and executor,
+    over the single-process floor of this run."""
+    if not rows:
+        return []
+    out = ["## Front ends (64 connections)", "",
+           "Processes sharing the port with SO_REUSEPORT: mlserve's `--frontends` (the workers split between "
+           "them) and the floor's processes. The ratio is over the single-process floor in this run, the ceiling "
+           "one aiohttp process sets. Server CPU counts every process of the server; other CPU is what unrelated "
+           "processes took meanwhile (noise).", "",
+           "| scenario | front ends | executor | req/s | / 1-process floor | p50 ms | p99 ms | non-2xx | server CPU "
+           "| other CPU |",
+           "|---|--:|---|--:|--:|--:|--:|--:|--:|--:|"]
+    for r in rows:
+        out.append(
+            f"| {r['scenario']} | {r['frontends']} | {r['executor'] or '–'} | {r['rps']:.0f} "
+            f"| {times(r['vs_single_floor'])} | {r['p50_ms']:.2f} | {r['p99_ms']:.2f} | {r['non2xx']} "
+            f"| {_fmt(r.get('server_cpu_pct'), '.0f', '%')} | {_fmt(r.get('other_cpu_pct'), '.0f', '%')} |"
         )
     return out + [""]
 
@@ -275,12 +311,17 @@ def _series(run: dict[str, Any]) -> dict[str, list[dict[str, Any]]]:
     return by_scenario
 
 
-def _axes_concurrency(ax: Any, concurrency: list[int]) -> None:
+def _axes_log2(ax: Any, ticks: list[int], label: str) -> None:
+    """A log-2 x axis ticked at the counts measured (connections, front ends), written plainly."""
     ax.set_xscale("log", base=2)
-    ax.set_xticks(concurrency)
-    ax.set_xticklabels([str(c) for c in concurrency])
-    ax.set_xlabel("concurrent connections (closed loop)")
+    ax.set_xticks(ticks)
+    ax.set_xticklabels([str(t) for t in ticks])
+    ax.set_xlabel(label)
     ax.grid(True, which="both", alpha=0.3)
+
+
+def _axes_concurrency(ax: Any, concurrency: list[int]) -> None:
+    _axes_log2(ax, concurrency, "concurrent connections (closed loop)")
 
 
 def _pyplot() -> Any:
@@ -332,6 +373,32 @@ def plot_latency(run: dict[str, Any], path: Path) -> None:
     axes[0].set_ylabel("latency ms (log)")
     fig.suptitle(f"mlserve latency {run['date']}" + (" (quick)" if run["config"]["quick"] else ""))
     _save(plt, fig, axes[1], path)
+
+
+def plot_frontends(run: dict[str, Any], path: Path) -> None:
+    """req/s at 64 connections against front ends (processes), one line per executor and the floor's
+    processes, with the single-process floor across: where more processes stop paying."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(9.5, 5), dpi=110)
+    rows = run["frontends"]
+    for series, label, color in _FRONTEND_LINES:
+        by_count: dict[int, float] = {}
+        for r in rows:
+            if r["series"] == series:
+                by_count.setdefault(r["frontends"], r["rps"])  # the first, where two measured the same
+        if series == "floor" and set(by_count) <= {1}:
+            continue  # the single-process floor alone: the line across says it
+        counts = sorted(by_count)
+        ax.plot(counts, [by_count[c] for c in counts], marker="o", color=color, label=label)
+    single = next((r for r in rows if r["series"] == "floor" and r["frontends"] == 1), None)
+    if single is not None:
+        ax.axhline(single["rps"], color="grey", linestyle="--",
+                   label=f"single-process floor ({single['rps']:.0f} req/s)")
+    _axes_log2(ax, sorted({r["frontends"] for r in rows}), "front-end processes on one port (SO_REUSEPORT)")
+    ax.set_ylim(bottom=0)
+    ax.set_ylabel("requests/s at 64 connections")
+    ax.set_title(f"mlserve front ends {run['date']}" + (" (quick)" if run["config"]["quick"] else ""))
+    _save(plt, fig, ax, path)
 
 
 def plot_open_loop(run: dict[str, Any], path: Path) -> None:

@@ -397,6 +397,7 @@ def run(plan: Plan) -> dict[str, Any]:
 
     analysis.add_ratios(run_record["points"], run_record["offline"] or {})
     run_record["open_loop_tails"] = analysis.open_loop_tails(run_record["points"])
+    run_record["frontends"] = analysis.frontend_rows(run_record["points"])
     run_record["headline"] = analysis.headline(run_record["points"])
     run_record["finished_at"] = dt.datetime.now().isoformat(timespec="seconds")
     run_record["host"]["loadavg_at_end"] = hoststat.loadavg()
@@ -450,7 +451,7 @@ def _run_scenario(
     log_path = plan.out_dir / f"{date}-server-{name}.log"
     workdir: Path | None = None
     if scenario.kind == "floor":
-        argv = servers.floor_argv(port, plan.floor_workers)
+        argv = servers.floor_argv(port, scenario.frontends)
     elif scenario.kind == "mlserver":
         assert plan.peer_cmd is not None and models_dir is not None
         workdir = Path(tempfile.mkdtemp(prefix="mlserve-bench-peer-"))
@@ -458,7 +459,7 @@ def _run_scenario(
     else:
         command = plan.baseline_cmd if scenario.baseline else plan.mlserve_cmd
         assert command is not None and models_dir is not None
-        argv = servers.mlserve_argv(command, port, models_dir, plan.workers)
+        argv = servers.mlserve_argv(command, port, models_dir, plan.workers, scenario.frontends)
     env = dict(scenario.env)
     if scenario.experiment is not None:
         workdir = Path(tempfile.mkdtemp(prefix="mlserve-bench-state-"))
@@ -637,6 +638,9 @@ def _point_header(scenario: Scenario, concurrency: int, loop: str = "closed") ->
         "cache": scenario.cache,
         "reference": scenario.reference,
         "rows_per_request": scenario.rows_per_request,
+        "frontends": scenario.frontends,
+        "executor": scenario.executor if scenario.kind == "mlserve" else None,
+        "frontend_series": scenario.frontend_series,
         "concurrency": concurrency,
         "loop": loop,
     }

@@ -66,6 +66,12 @@ class Scenario:
     open_loop_at: str | None = None
     """Open-loop points at that scenario's arrival rates rather than at its own capacity's, run just
     after that scenario's, on a second start of this server: the floor's tails at v1-on's rates."""
+    frontends: int = 1
+    """Processes sharing the port: mlserve's ``--frontends`` (the run's ``--workers`` split between them),
+    or the floor's ``--workers``; above 1 the kernel spreads connections over them (SO_REUSEPORT)."""
+    executor: str = "pool"
+    """Where mlserve runs batches (``[batching] executor``): ``pool``, the worker processes, or ``inline``,
+    each front end's own process."""
 
     @property
     def open_loop(self) -> bool:
@@ -130,9 +136,26 @@ class Scenario:
         return "/v2/health/ready" if self.kind == "mlserver" else "/health/ready"
 
     @property
+    def frontend_series(self) -> str | None:
+        """The line of the front-ends table and plot this scenario is a point of: ``floor`` (by its
+        processes) or the executor of plain iris v1 with batching on, whatever its front ends; None for
+        any other, whose req/s says something besides what more front ends buy."""
+        if self.kind == "floor":
+            return "floor"
+        plain = dataclasses.replace(self, name=PLAIN_V1.name, closed_only=False, points=None, reference=None,
+                                    open_loop_at=None, frontends=1, executor="pool")
+        return self.executor if plain == PLAIN_V1 else None
+
+    def _processes(self) -> str:
+        """The label's word on front ends and executor, empty for the one-process pool default."""
+        text = f", {self.frontends} {'processes' if self.kind == 'floor' else 'front ends'}" if (
+            self.frontends > 1) else ""
+        return text + (", inline executor" if self.executor == "inline" else "")
+
+    @property
     def label(self) -> str:
         if self.kind == "floor":
-            return "HTTP floor (bare aiohttp)"
+            return "HTTP floor (bare aiohttp)" + self._processes()
         if self.kind == "mlserver":
             return f"MLServer {PEER_VERSION} {self.version} adaptive batching"
         name = "image" if self.images else self.version
@@ -150,7 +173,7 @@ class Scenario:
             suffix += f" experiment {self.experiment}"
         if self.prediction_log:
             suffix += " prediction log on"
-        return f"{name} batching={'on' if self.batching else 'off'}{suffix}"
+        return f"{name} batching={'on' if self.batching else 'off'}{suffix}{self._processes()}"
 
     @property
     def env(self) -> dict[str, str]:
@@ -164,7 +187,27 @@ class Scenario:
                 env["MLSERVE_CACHE__L1_ENTRIES"] = "0"
         if self.prediction_log:
             env["MLSERVE_PREDICTION_LOG__ENABLED"] = "true"
+        if self.kind == "mlserve" and self.executor != "pool":
+            env["MLSERVE_BATCHING__EXECUTOR"] = self.executor
         return env
+
+
+PLAIN_V1 = Scenario("v1-on", "mlserve", "v1", True)
+"""The served configuration that the front-end scenarios vary only in front ends and executor."""
+FRONTEND_CONCURRENCY = 64
+"""Connections the front-end points run at: enough to keep every front end busy, as the headline's are."""
+
+
+def frontend_scenario(series: str, count: int) -> Scenario:
+    """The floor at ``count`` processes (``series`` "floor"), or plain v1 on ``count`` front ends with
+    that executor: named ``floor-fe2``, ``v1-fe2``, ``v1-fe2-inline``, at 64 connections, closed loop only
+    (more front ends move the capacity, which the closed loop measures; the open loop's rates follow it)."""
+    points = (FRONTEND_CONCURRENCY,)
+    if series == "floor":
+        return Scenario(f"floor-fe{count}", "floor", "v1", None, frontends=count, closed_only=True, points=points)
+    suffix = "" if series == "pool" else f"-{series}"
+    return dataclasses.replace(PLAIN_V1, name=f"v1-fe{count}{suffix}", frontends=count, executor=series,
+                               closed_only=True, points=points)
 
 
 CACHE_DISTINCT = 1000
@@ -180,6 +223,10 @@ OUTAGE_SLICES = (3, 5, 4)
 CATALOGUE: tuple[Scenario, ...] = (
     Scenario("floor", "floor", "v1", None, open_loop_at="v1-on"),
     Scenario("v1-on", "mlserve", "v1", True),
+    # Two front ends on one port, batches in the worker pool and in the front ends themselves, at 64
+    # connections: read against the single-process floor and v1-on in the front-ends table.
+    frontend_scenario("pool", 2),
+    frontend_scenario("inline", 2),
     Scenario("v1-off", "mlserve", "v1", False),
     Scenario("v2-on", "mlserve", "v2", True),
     Scenario("v2-off", "mlserve", "v2", False),
@@ -284,12 +331,42 @@ def with_baseline(chosen: list[Scenario]) -> list[Scenario]:
 
 def parse_concurrency(text: str | None) -> list[int]:
     """``"1,16,64"`` -> [1, 16, 64]; sorted, deduplicated, all >= 1."""
-    if not text:
-        return list(DEFAULT_CONCURRENCY)
-    values = sorted({int(v) for v in text.split(",") if v.strip()})
+    return parse_counts(text, "concurrency") if text else list(DEFAULT_CONCURRENCY)
+
+
+def parse_counts(text: str, what: str) -> list[int]:
+    """``"4,1,2,2"`` -> [1, 2, 4]: sorted, deduplicated, all >= 1 (``what`` names them in the error)."""
+    try:
+        values = sorted({int(v) for v in text.split(",") if v.strip()})
+    except ValueError:
+        values = []
     if not values or values[0] < 1:
-        raise ValueError("concurrency values must be integers >= 1")
+        raise ValueError(f"{what} values must be integers >= 1, got {text!r}")
     return values
+
+
+FRONTEND_SERIES = ("floor", "pool", "inline")
+"""The lines of the front-ends sweep, in the order each count's scenarios run."""
+
+
+def with_frontends(chosen: list[Scenario], counts: list[int], concurrency: list[int]) -> list[Scenario]:
+    """``chosen`` plus, for each count, the floor at that many processes and v1 on that many front ends
+    with each executor (``frontend_scenario``), left out where a chosen scenario measures the same at 64
+    connections already (v1-on is the one-front-end pool point, the floor the one-process floor).
+
+    The added ones run right after the last chosen scenario of the sweep's lines (else at the end), so
+    that the points read against each other are measured minutes apart.
+    """
+    def key(s: Scenario) -> tuple[str | None, int]:
+        return s.frontend_series, s.frontends
+
+    measured = {key(s) for s in chosen if FRONTEND_CONCURRENCY in s.concurrency(concurrency)}
+    added = [frontend_scenario(series, count) for count in counts for series in FRONTEND_SERIES
+             if (series, count) not in measured]
+    names = {s.name for s in chosen}
+    added = [s for s in added if s.name not in names]
+    last = max((i for i, s in enumerate(chosen) if s.frontend_series is not None), default=len(chosen) - 1)
+    return chosen[: last + 1] + added + chosen[last + 1 :]
 
 
 def estimate_seconds(

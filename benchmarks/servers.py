@@ -311,8 +311,12 @@ def floor_argv(port: int, workers: int) -> list[str]:
     ]
 
 
-def mlserve_argv(cmd: Sequence[str], port: int, models_dir: Path, workers: int) -> list[str]:
-    """Command line for ``mlserve serve`` per the server's CLI contract."""
+def mlserve_argv(cmd: Sequence[str], port: int, models_dir: Path, workers: int, frontends: int = 1) -> list[str]:
+    """Command line for ``mlserve serve`` per the server's CLI contract.
+
+    ``--frontends`` is passed only above 1, so that a ``--baseline`` build from before the flag still
+    serves every one-front-end scenario.
+    """
     return [
         *cmd,
         "serve",
@@ -324,6 +328,7 @@ def mlserve_argv(cmd: Sequence[str], port: int, models_dir: Path, workers: int) 
         str(models_dir),
         "--workers",
         str(workers),
+        *(["--frontends", str(frontends)] if frontends != 1 else []),
     ]
 
 
