@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import fcntl
 import itertools
 import logging
 import os
@@ -73,7 +74,20 @@ def write_all(fd: int, data: bytes) -> None:
 class RotatingFile:
     """An append-only file, written by the loop, that moves to ``path.1`` (``path.1`` to ``path.2``,
     ...) before a write would take it past ``max_bytes``; ``backups`` old files are kept. A batch is
-    never split, so a file passes ``max_bytes`` only when one batch alone is larger."""
+    never split, so a file passes ``max_bytes`` only when one batch alone is larger.
+
+    Several processes may write one path (the front ends of ``mlserve serve --frontends N``), each
+    with a ``RotatingFile`` of its own, so nothing is kept about the file that another process can
+    change. Each write takes an exclusive ``flock`` on the descriptor, then checks that the path
+    still names the descriptor's file (another process, or an outside logrotate, may have moved it:
+    then it reopens the path and tries again) and takes the size from ``fstat`` (a private count
+    would see only this process's bytes, and the file would grow to N times ``max_bytes``). Under
+    the lock the size is exact and no other process can rotate or append, so the batch goes whole
+    into the file that is current, and only one process rotates a full file: the others, once they
+    get its lock, see that the path has moved on and reopen. The lock is held for a few system
+    calls and one write to the page cache, a few dozen times a second per process: cheap to take
+    and to wait for, even on the loop.
+    """
 
     lost = 0
     """Lines lost after ``write`` returned: none, since a write that fails raises."""
@@ -83,7 +97,6 @@ class RotatingFile:
         self.max_bytes = max_bytes
         self.backups = backups
         self._fd = self._open()
-        self._size = os.fstat(self._fd).st_size
 
     def _open(self) -> int:
         return os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
@@ -92,13 +105,40 @@ class RotatingFile:
         """Nothing runs beside the loop for a file."""
 
     def write(self, data: bytes) -> None:
-        if self._size and self._size + len(data) > self.max_bytes:
-            self._rotate()
-        write_all(self._fd, data)
-        self._size += len(data)
+        """Append ``data`` with one write, rotating first if it would not fit. Each retry follows a
+        rotation (ours or another process's) that made a new, emptier file at the path, so it ends."""
+        while not self._write_locked(data):
+            self._reopen()
+
+    def _write_locked(self, data: bytes) -> bool:
+        """Under the descriptor's lock: write, and say so; or find that the path has moved on (another
+        process rotated) or move it on (rotate), and return False for the caller to reopen the path.
+        The lock is let go in every case, an error's too: a lock left held would stall every front end."""
+        fd = self._fd
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        try:
+            ours = os.fstat(fd)
+            if not self._names(ours):
+                return False
+            if ours.st_size and ours.st_size + len(data) > self.max_bytes:
+                self._rotate()
+                return False
+            write_all(fd, data)
+            return True
+        finally:
+            fcntl.flock(fd, fcntl.LOCK_UN)
+
+    def _names(self, ours: os.stat_result) -> bool:
+        """Whether the path still names the file our descriptor is open on."""
+        try:
+            named = os.stat(self.path)
+        except FileNotFoundError:
+            return False
+        return (named.st_dev, named.st_ino) == (ours.st_dev, ours.st_ino)
 
     def _rotate(self) -> None:
-        os.close(self._fd)
+        """Move the files along; the caller holds the lock of the file at ``path``, so no other
+        process rotates (every rotation locks the file at ``path``) or writes meanwhile."""
         for index in range(self.backups - 1, 0, -1):
             older = f"{self.path}.{index}"
             if os.path.exists(older):
@@ -107,8 +147,13 @@ class RotatingFile:
             os.replace(self.path, f"{self.path}.1")
         else:
             os.unlink(self.path)
-        self._fd = self._open()
-        self._size = 0
+
+    def _reopen(self) -> None:
+        """Open the file at ``path`` (making it if no process has yet), then close the old one: if
+        the open fails, the old descriptor stays valid and the next write tries again."""
+        fd = self._open()
+        os.close(self._fd)
+        self._fd = fd
 
     async def close(self) -> None:
         os.close(self._fd)

@@ -1,8 +1,9 @@
 """The prediction log: one JSON line per prediction, carrying the request id the client sent.
 
 In-process tests cover the writer (rotation, drops, encoding), the request ids and the wrapper's
-sampling and payload shapes; two real servers show what an operator sees: a file with a line for
-every answer and every error, and the same lines on standard output.
+sampling and payload shapes; spawned processes share one file, as the front ends of a server do; two
+real servers show what an operator sees: a file with a line for every answer and every error, and
+the same lines on standard output.
 """
 
 from __future__ import annotations
@@ -10,8 +11,12 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
+import multiprocessing
 import os
+import random
+import re
 from collections.abc import Callable
+from multiprocessing.synchronize import Barrier
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -25,7 +30,6 @@ from mlserve import predictionlog
 from mlserve.api.logged import logged
 from mlserve.api.keys import CALL, METRICS, RESULT, SERVED
 from mlserve.batcher import BatchResult
-from mlserve.demo_models import IRIS
 from mlserve.errors import SettingsError
 from mlserve.metrics import Metrics
 from mlserve.predictionlog import BackgroundWriter, PredictionLog, Record, RotatingFile
@@ -71,6 +75,82 @@ async def test_no_backups_starts_the_file_over(tmp_path: Path) -> None:
     await sink.close()
     assert [p.name for p in tmp_path.iterdir()] == ["predictions.jsonl"]
     assert path.read_bytes() == b"second line\n"
+
+
+async def test_a_writer_follows_a_rotation_another_made(tmp_path: Path) -> None:
+    """Two writers of one path, taking turns: each sees the other's bytes, and the one whose file was
+    moved away writes to the new one rather than rotating it early."""
+    path = tmp_path / "predictions.jsonl"
+    first, second = (RotatingFile(str(path), max_bytes=100, backups=3) for _ in range(2))
+    for index, sink in enumerate([first, second, first, second, second, first]):
+        sink.write(f'{{"n":{index},"pad":"{"x" * 24}"}}\n'.encode())  # 40 bytes a line
+    await first.close()
+    await second.close()
+    files = [tmp_path / "predictions.jsonl.2", tmp_path / "predictions.jsonl.1", path]
+    assert sorted(tmp_path.iterdir(), reverse=True) == files
+    assert [[line["n"] for line in lines_of(file)] for file in files] == [[0, 1], [2, 3], [4, 5]]
+
+
+SHARED_MAX_BYTES = 8192
+SHARED_BACKUPS = 400
+LINES_EACH = 10_000
+LARGEST_BATCH = 8
+NUMBERED_LINE = re.compile(rb'\{"writer":(\d),"n":(\d{5})\}')
+
+
+def numbered_line(writer: int, n: int) -> bytes:
+    return b'{"writer":%d,"n":%05d}\n' % (writer, n)
+
+
+LINE_BYTES = len(numbered_line(0, 0))
+
+
+def write_numbered_lines(path: str, writer: int, start: Barrier) -> None:
+    """A front end's prediction log: ``LINES_EACH`` numbered lines in batches of 1 to ``LARGEST_BATCH``,
+    written as fast as it can beside the other processes'."""
+    sink = RotatingFile(path, SHARED_MAX_BYTES, SHARED_BACKUPS)
+    sizes = random.Random(writer)
+    start.wait(timeout=30)
+    n = 0
+    while n < LINES_EACH:
+        count = min(sizes.randint(1, LARGEST_BATCH), LINES_EACH - n)
+        sink.write(b"".join(numbered_line(writer, i) for i in range(n, n + count)))
+        n += count
+    asyncio.run(sink.close())
+
+
+def test_processes_sharing_the_file_rotate_it_together_and_keep_every_line(tmp_path: Path) -> None:
+    """Three processes, each with its own ``RotatingFile`` on one path: every line lands once, whole,
+    in order; no file passes ``max_bytes`` (each process counting only its own bytes let it grow to
+    three times that) and none is rotated before the next batch would not fit (a process that rotated
+    on its own count moved another's fresh file away)."""
+    path = tmp_path / "predictions.jsonl"
+    spawn = multiprocessing.get_context("spawn")
+    start = spawn.Barrier(3)
+    writers = [spawn.Process(target=write_numbered_lines, args=(str(path), writer, start)) for writer in range(3)]
+    for writer in writers:
+        writer.start()
+    for writer in writers:
+        writer.join(120)
+    assert [writer.exitcode for writer in writers] == [0, 0, 0]
+    files = [path, *(tmp_path / f"predictions.jsonl.{index}" for index in range(1, len(list(tmp_path.iterdir()))))]
+    assert sorted(tmp_path.iterdir()) == sorted(files) and len(files) < SHARED_BACKUPS, "backups 1 to N, none dropped"
+    numbers: list[list[int]] = [[], [], []]
+    authors: list[set[int]] = []
+    for file in reversed(files):  # oldest first
+        data = file.read_bytes()
+        assert data.endswith(b"\n"), f"{file.name} ends mid-line"
+        assert len(data) <= SHARED_MAX_BYTES, f"{file.name} holds {len(data)} bytes"
+        if file != path:
+            assert len(data) > SHARED_MAX_BYTES - LARGEST_BATCH * LINE_BYTES, f"{file.name} was rotated early"
+        authors.append(set())
+        for line in data.splitlines():
+            match = NUMBERED_LINE.fullmatch(line)
+            assert match, f"a torn line in {file.name}: {line!r}"
+            numbers[int(match[1])].append(int(match[2]))
+            authors[-1].add(int(match[1]))
+    assert all(written == list(range(LINES_EACH)) for written in numbers), "each line once, in order"
+    assert any(len(wrote) > 1 for wrote in authors), "the processes wrote side by side"
 
 
 async def test_lines_are_json_and_unset_fields_are_left_out(tmp_path: Path) -> None:
@@ -254,6 +334,8 @@ async def test_file_log_has_a_line_per_answer_and_error_with_the_clients_id(
     http: aiohttp.ClientSession, start_server: StartServer, demo_models_dir: Path, tmp_path: Path,
     offline: dict[str, list[int]], iris_rows: list[list[float]],
 ) -> None:
+    from mlserve.demo_models import IRIS  # here: the spawned writers import this module, and sklearn takes seconds
+
     path = tmp_path / "predictions.jsonl"
     server = start_server(demo_models_dir, env={
         "MLSERVE_PREDICTION_LOG__ENABLED": "true",
