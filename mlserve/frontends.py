@@ -54,6 +54,8 @@ ONE_FRONTEND = "frontend"
 """``/metrics?scope=frontend``: this front end's figures alone (what a sibling's scrape asks for)."""
 KILL_AFTER_S = 15.0
 """Grace beyond ``drain_delay_s`` and ``shutdown_timeout_s`` before a front end that has not stopped is killed."""
+EXPOSITION = {"Content-Type": "text/plain; version=0.0.4; charset=utf-8"}
+"""Prometheus's text format, as aioprometheus labels it."""
 RESTART_PAUSE_S = 1.0
 """A front end that died is started again after this, so one that dies at once does not spin."""
 
@@ -97,7 +99,7 @@ def whole_server_metrics(metrics: Metrics, role: Role) -> Callable[[web.Request]
 
     async def handle(request: web.Request) -> web.Response:
         if request.query.get("scope") == ONE_FRONTEND:
-            return web.Response(text=metrics.text(), content_type="text/plain", charset="utf-8")
+            return web.Response(text=metrics.text(), headers=EXPOSITION)
         answers = await asyncio.gather(*(fetch(path) for path in role.siblings), return_exceptions=True)
         texts = [metrics.text()]
         for path, answer in zip(role.siblings, answers):
@@ -111,7 +113,7 @@ def whole_server_metrics(metrics: Metrics, role: Role) -> Callable[[web.Request]
             "# HELP mlserve_frontends Front-end processes the server runs.\n"
             f"# TYPE mlserve_frontends gauge\nmlserve_frontends {role.count}\n"
         )
-        return web.Response(text=merge(texts) + scraped, content_type="text/plain", charset="utf-8")
+        return web.Response(text=merge(texts) + scraped, headers=EXPOSITION)
 
     return handle
 

@@ -42,11 +42,13 @@ def test_linear_classifiers_answer_exactly_as_sklearn_without_its_checks(make, d
     assert np.array_equal(runtime.predict(batch[:1]), estimator.predict(batch[:1]))
 
 
-def test_a_row_that_is_not_finite_is_refused_as_sklearn_refuses_it() -> None:
+def test_a_row_not_finite_or_of_the_wrong_width_is_refused_as_sklearn_refuses_it() -> None:
     X, y = load_iris(return_X_y=True)
     runtime = SklearnRuntime(LogisticRegression(max_iter=1000).fit(X, y), 4)
     with pytest.raises(ValueError, match="NaN"):
         runtime.predict(np.array([[1.0, np.nan, 1.0, 1.0]]))
+    with pytest.raises(ValueError, match="features"):
+        runtime.predict(np.array([[1.0, 2.0, 3.0]]))
 
 
 @pytest.mark.parametrize("estimator", [Thresholded(max_iter=1000), RidgeClassifier(), RandomForestClassifier(n_estimators=5)])

@@ -40,6 +40,8 @@ def _linear_classifier(estimator: object, n_features: int) -> Callable[[np.ndarr
     ``LinearClassifierMixin``'s own ``predict`` and ``decision_function``, and only if it agrees
     exactly with ``predict`` on random rows at load; anything else keeps ``predict``.
     """
+    if getattr(getattr(type(estimator), "predict", None), "__qualname__", "") != "LinearClassifierMixin.predict":
+        return None  # settled without importing scikit-learn's linear models into a worker that has no use for them
     try:
         from sklearn.linear_model._base import LinearClassifierMixin
     except ImportError:  # a scikit-learn that moved it: no fast path
@@ -55,6 +57,8 @@ def _linear_classifier(estimator: object, n_features: int) -> Callable[[np.ndarr
     weights = np.ascontiguousarray(coef.T)
 
     def predict(batch: np.ndarray) -> np.ndarray:
+        if batch.ndim != 2 or batch.shape[1] != n_features:
+            return estimator.predict(batch)  # type: ignore[attr-defined,no-any-return]  # its own error for the shape
         scores = batch @ weights + intercept
         if not np.isfinite(scores).all():
             return estimator.predict(batch)  # type: ignore[attr-defined,no-any-return]  # its own error for NaN or inf
