@@ -165,9 +165,10 @@ class Target:
 @contextlib.asynccontextmanager
 async def mlserve(
     workdir: Path, *, deadline_ms: float, row_s: float = MODEL_ROW_S, env: Mapping[str, str] | None = None,
-    open_files: int | None = None,
+    open_files: int | None = None, frontends: int = 1,
 ) -> AsyncIterator[Target]:
-    """A ready server with two workers on a repository of the chaos model; always stopped afterwards.
+    """A ready server with two workers on a repository of the chaos model (split between ``frontends``
+    front ends); always stopped afterwards.
 
     ``open_files`` starts it with that soft limit of open files (``prlimit``), the hard one unchanged.
     """
@@ -176,7 +177,7 @@ async def mlserve(
     limit = ["prlimit", f"--nofile={open_files}:"] if open_files else []
     server = servers.Server(
         name="chaos",
-        argv=servers.mlserve_argv([*limit, sys.executable, "-m", "mlserve"], port, models, WORKERS),
+        argv=servers.mlserve_argv([*limit, sys.executable, "-m", "mlserve"], port, models, WORKERS, frontends),
         port=port,
         log_path=workdir / "server.log",
         # The workers unpickle benchmarks.chaosmodel, so the repository root goes on their path.
@@ -340,7 +341,18 @@ RECOVERY_LIMIT_S = 1.0
 async def overload(profile: Profile, workdir: Path) -> ScenarioResult:
     """Ten times the measured capacity, open loop: the accepted meet their deadline, the rest are refused
     at once with Retry-After, memory stays put, and full throughput is back within a second after."""
-    async with mlserve(workdir, deadline_ms=OVERLOAD_DEADLINE_MS) as target:
+    return await _overload(profile, workdir, frontends=1)
+
+
+@scenario
+async def overload_frontends(profile: Profile, workdir: Path) -> ScenarioResult:
+    """The same against ``--frontends 2``: a refusal waits behind one front end's share of the burst,
+    not all of it. Its "front end" RSS is the supervisor's; "all processes" holds the front ends."""
+    return await _overload(profile, workdir, frontends=2)
+
+
+async def _overload(profile: Profile, workdir: Path, frontends: int) -> ScenarioResult:
+    async with mlserve(workdir, deadline_ms=OVERLOAD_DEADLINE_MS, frontends=frontends) as target:
         recorder = Recorder()
         capacity = await measure_capacity(target, recorder, profile.capacity_s)
         await asyncio.sleep(0.5)
@@ -395,7 +407,9 @@ async def overload(profile: Profile, workdir: Path) -> ScenarioResult:
                   back is not None and back <= RECOVERY_LIMIT_S),
             answered_check(of_kind(recorder, "burst", "recovery"), {200, 429, 503, 504}),
         ]
-        return result("overload", "10x overload", target, recorder, profile, figures, checks)
+        name, title = ("overload", "10x overload") if frontends == 1 else (
+            f"overload-{frontends}-frontends", f"10x overload, {frontends} front ends")
+        return result(name, title, target, recorder, profile, figures, checks)
 
 
 PRIORITY_FACTOR = 3
@@ -798,6 +812,7 @@ def _sigterm_result(target: Target, recorder: Recorder, profile: Profile, signal
 
 SCENARIOS: dict[str, Scenario] = {
     "overload": overload,
+    "overload-frontends": overload_frontends,
     "priorities": priorities,
     "worker-kills": worker_kills,
     "model-faults": model_faults,

@@ -32,6 +32,13 @@ async def test_tenfold_overload_is_refused_at_once_and_the_accepted_meet_their_d
     assert_holds(result, {"load", "accepted_p99", "refusal_p99", "retry_after", "rss", "recovery", "answered"})
 
 
+async def test_tenfold_overload_on_two_front_ends_holds_as_on_one(tmp_path: Path) -> None:
+    """The same burst against ``--frontends 2``: each front end refuses its share, and together they
+    hold every check one front end does."""
+    result = await chaos.overload_frontends(chaos.SHORT, tmp_path)
+    assert_holds(result, {"load", "accepted_p99", "refusal_p99", "retry_after", "rss", "recovery", "answered"})
+
+
 async def test_high_priority_is_answered_in_time_while_low_priority_is_shed(tmp_path: Path) -> None:
     """Three times capacity, one call in six ``X-Priority: high``: every high one answered within its
     deadline, most low ones refused."""
