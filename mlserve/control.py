@@ -49,8 +49,8 @@ from mlserve.errors import (
     ValidationFailed,
 )
 from mlserve.experiments import Experiment, check
-from mlserve.metrics import Metrics
 from mlserve.inline import InlineExecutor
+from mlserve.metrics import Metrics
 from mlserve.pool import WorkerPool
 from mlserve.registry import Registry, ServedVersion
 from mlserve.repository import ModelSpec
