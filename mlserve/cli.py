@@ -125,7 +125,7 @@ def main(argv: list[str] | None = None) -> int:
         if settings.frontend_count > 1:
             from mlserve.frontends import supervise
 
-            return supervise(settings, settings.frontend_count, run)
+            return supervise(settings, run)
         run(settings)
         return 0
     except MlserveError as exc:

@@ -123,8 +123,10 @@ def worker_share(total: int, count: int, index: int) -> int:
     return max(1, total // count + (index < total % count))
 
 
-def supervise(settings: Settings, count: int, serve: Serve) -> int:
-    """Run ``count`` front ends until SIGTERM or SIGINT and they have drained; the exit status."""
+def supervise(settings: Settings, serve: Serve) -> int:
+    """Run ``settings.frontend_count`` front ends until SIGTERM or SIGINT and they have drained; the
+    exit status."""
+    count = settings.frontend_count
     run_dir = tempfile.mkdtemp(prefix="mlserve-frontends-")
     context = multiprocessing.get_context("spawn")
     processes: dict[int, Any] = {}
