@@ -30,6 +30,7 @@ from mlserve.predictionlog import PredictionLog
 from mlserve.registry import Registry
 from mlserve.service import ModelService
 from mlserve.settings import Settings
+from mlserve.sharedtable import open_table
 from mlserve.state import open_store
 
 log = logging.getLogger(__name__)
@@ -146,7 +147,9 @@ def create_app(settings: Settings, role: frontends.Role | None = None) -> web.Ap
     app[CONTROL] = ControlPlane(settings, app[REGISTRY], app[POOL], open_store(settings, shared=role is not None), app[METRICS])
     app[CONTROL].discover()
     app[METRICS].on_scrape(app[CONTROL].refresh_gauges)
-    app[CACHE] = cache = PredictionCache(settings.cache, settings.cache_redis_url, settings.redis_prefix)
+    # Front ends share cached rows through a table in their run directory, when some model caches.
+    table = open_table(role.cache_table, settings.cache.l1_entries) if role and settings.caches_any else None
+    app[CACHE] = cache = PredictionCache(settings.cache, settings.cache_redis_url, settings.redis_prefix, table)
     app[METRICS].on_scrape(lambda metrics: metrics.cache_breaker_open.set({}, int(cache.breaker_open)))
     app[LOOP_LOAD] = load = LoopLoad(settings.shadow_max_loop_busy)
     app[METRICS].on_scrape(lambda metrics: metrics.loop_busy.set({}, load.share()))

@@ -7,8 +7,13 @@ float64 (so ``1`` and ``1.0`` are one input), an image's own bytes.
 The hit path is synchronous: when L1 holds every row, ``lookup`` answers with values and the caller
 builds a done future; no batcher, no task, no Redis. Rows that miss L1 go on, in a coroutine, to
 Redis, where every lookup made in one loop iteration shares one ``MGET``; then to the batcher, where
-identical rows in flight share one computation (single-flight, per process). Results are written to
-L1 at once and to Redis in pipelined batches that no caller awaits. Errors are never stored.
+identical rows in flight share one computation (single-flight). Results are written to L1 at once
+and to Redis in pipelined batches that no caller awaits. Errors are never stored.
+
+With several front ends (``mlserve.frontends``), a table they all map (``mlserve.sharedtable``)
+stands behind each one's L1: a row that one front end computed is a hit on the others, and a row
+that one is computing is waited for, not computed again, by the others (they look at its slot every
+``SHARED_POLL_S``). So hits and single-flight hold across front ends as within one.
 
 Redis is never on the critical path: a lookup slower than ``redis_timeout_ms`` is a miss, and after
 ``BREAKER_FAILURES`` failures in a row a circuit breaker stops asking for ``BREAKER_COOLDOWN_S``,
@@ -32,6 +37,7 @@ from mlserve.batcher import BatchResult, Rows
 from mlserve.errors import DeadlineExceeded, MlserveError
 from mlserve.redislink import RedisLink
 from mlserve.settings import CacheSettings
+from mlserve.sharedtable import LEAD, PENDING, SharedTable, table_key
 
 log = logging.getLogger(__name__)
 
@@ -44,6 +50,8 @@ MAX_PENDING_WRITES = 10_000
 MAX_RUNNING = 10_000
 """Rows in flight beyond which ended computations are swept out of the single-flight table."""
 MISS = object()
+SHARED_POLL_S = 0.001
+"""How often a front end looks at the shared slots of rows another front end is computing for it."""
 SET_MANY = "for i, key in ipairs(KEYS) do redis.call('SET', key, ARGV[i], 'PX', ARGV[#ARGV]) end return #KEYS"
 """Stores KEYS[i] = ARGV[i], each expiring after the last argument's milliseconds."""
 
@@ -123,7 +131,9 @@ class _Breaker:
 
 
 class PredictionCache:
-    def __init__(self, settings: CacheSettings, redis_url: str | None, prefix: str) -> None:
+    def __init__(
+        self, settings: CacheSettings, redis_url: str | None, prefix: str, shared: SharedTable | None = None
+    ) -> None:
         self._l1: collections.OrderedDict[bytes, tuple[Any, float]] = collections.OrderedDict()
         self._l1_entries = settings.l1_entries
         self._timeout_s = settings.redis_timeout_ms / 1000.0
@@ -132,6 +142,9 @@ class PredictionCache:
         self._breaker = _Breaker()
         self._running: dict[bytes, _Computation] = {}
         """Rows being computed, by key: single-flight within this process."""
+        self._shared = shared
+        self._awaited: list[tuple[bytes, asyncio.Future[tuple[bytes, float] | None], float]] = []
+        """Rows another front end computes, with what waits for them and until when."""
         self._lookups: list[tuple[list[bytes], asyncio.Future[list[Any] | None]]] = []
         self._writes: list[tuple[bytes, bytes, int]] = []
         self._writing = False
@@ -165,9 +178,9 @@ class PredictionCache:
             loop.call_soon(done.set_result, BatchResult(values, 0.0, cached=True))
             return done
         ask_redis = self._redis is not None and not fresh and self._breaker.allows(loop.time())
-        if not ask_redis and len(missing) == len(rows) and self._none_running(keys):
+        if not ask_redis and self._shared is None and len(missing) == len(rows) and self._none_running(keys):
             return self._compute(view, keys, rows, submit, timeout_s)
-        return self._complete(view, rows, keys, values, missing, submit, loop.time() + timeout_s, ask_redis)
+        return self._complete(view, rows, keys, values, missing, submit, loop.time() + timeout_s, ask_redis, fresh)
 
     def lookup(self, view: CacheView, rows: Rows, bypass: bool) -> tuple[list[bytes], list[Any], list[int]]:
         """Keys, values found in L1 (``MISS`` elsewhere), and the indices still missing."""
@@ -189,6 +202,8 @@ class PredictionCache:
             if entry is not None and entry[1] > now:
                 l1.move_to_end(key)
                 values.append(entry[0])
+            elif self._shared is not None and (found := self._shared.look(table_key(key), now)) not in (None, PENDING):
+                values.append(self._found(key, found))
             else:
                 values.append(MISS)
                 missing.append(index)
@@ -235,8 +250,10 @@ class PredictionCache:
         submit: Submit,
         deadline: float,
         ask_redis: bool,
+        fresh: bool,
     ) -> BatchResult:
-        """Fill the rows L1 missed: from Redis, from a computation already in flight, or by computing."""
+        """Fill the rows L1 missed: from Redis, from a computation already in flight (here or in
+        another front end), or by computing."""
         loop = self._loop or self._bind()
         if ask_redis:
             missing = await self._from_redis(view, keys, values, missing)
@@ -244,24 +261,40 @@ class PredictionCache:
                 return BatchResult(values, 0.0, cached=True)
         leaders: dict[bytes, list[int]] = {}
         followers: list[tuple[int, _Computation]] = []
+        elsewhere: list[int] = []
+        shared = None if fresh else self._shared
         for index in missing:
             key = keys[index]
             running = self._running_computation(key)
             if running is not None:
                 followers.append((index, running))
-            else:
-                leaders.setdefault(key, []).append(index)
+                continue
+            if shared is not None and key not in leaders:
+                claim = shared.claim(table_key(key), deadline, loop.time())
+                if claim is PENDING:
+                    elsewhere.append(index)
+                    continue
+                if claim is not LEAD:
+                    values[index] = self._found(key, claim)
+                    continue
+            leaders.setdefault(key, []).append(index)
         compute_s = 0.0
         if leaders:
             order = list(leaders)
-            result = await self._compute(view, order, [rows[leaders[key][0]] for key in order], submit,
-                                         deadline - loop.time())
+            try:
+                result = await self._compute(view, order, [rows[leaders[key][0]] for key in order], submit,
+                                             deadline - loop.time())
+            except BaseException:
+                self._release(order)
+                raise
             compute_s = result.compute_s
             for position, key in enumerate(order):
                 for index in leaders[key]:
                     values[index] = result.values[position]
         for index, computation in followers:
             values[index] = await self._follow(computation, keys[index], rows[index], submit, deadline)
+        for index in elsewhere:
+            values[index] = await self._from_elsewhere(view, keys[index], rows[index], submit, deadline)
         return BatchResult(values, compute_s)
 
     async def _follow(
@@ -279,6 +312,54 @@ class PredictionCache:
         loop = self._loop or self._bind()
         return (await submit([row], deadline - loop.time())).values[0]
 
+    async def _from_elsewhere(self, view: CacheView, key: bytes, row: Any, submit: Submit, deadline: float) -> Any:
+        """Wait for the row that another front end computes; if it gives up on it (its batch failed, its
+        caller went away, or its deadline passed), compute the row here."""
+        assert self._shared is not None
+        loop = self._loop or self._bind()
+        waited: asyncio.Future[tuple[bytes, float] | None] = loop.create_future()
+        if not self._awaited:
+            loop.call_later(SHARED_POLL_S, self._poll)
+        self._awaited.append((table_key(key), waited, deadline))
+        found = await waited
+        if found is not None:
+            return self._found(key, found)
+        if (running := self._running_computation(key)) is not None:
+            return await self._follow(running, key, row, submit, deadline)
+        return (await self._compute(view, [key], [row], submit, deadline - loop.time())).values[0]
+
+    def _poll(self) -> None:
+        """Look at the shared slots of the rows awaited from other front ends; again soon while any are."""
+        assert self._shared is not None
+        loop = self._loop or self._bind()
+        now = loop.time()
+        still = []
+        for entry in self._awaited:
+            key, waited, deadline = entry
+            if waited.done():
+                continue  # its caller went away
+            found = self._shared.look(key, now)
+            if found is PENDING and now < deadline:
+                still.append(entry)
+            else:
+                waited.set_result(None if found is PENDING else found)
+        self._awaited = still
+        if still:
+            loop.call_later(SHARED_POLL_S, self._poll)
+
+    def _found(self, key: bytes, found: tuple[bytes, float]) -> Any:
+        """A row's value from the shared table, kept in this front end's L1 until it expires there."""
+        value = _decode(found[0])
+        if self._l1_entries:
+            self._remember(key, value, found[1])
+        return value
+
+    def _release(self, keys: Sequence[bytes]) -> None:
+        """Let other front ends compute rows this one claimed and will not store."""
+        if self._shared is not None:
+            for key in keys:
+                self._shared.release(table_key(key))
+
     def stored(self, computation: _Computation, values: list[Any]) -> None:
         """A computation delivered its outputs: store them, and it is no longer in flight."""
         running = self._running
@@ -292,13 +373,19 @@ class PredictionCache:
         expires = loop.time() + view.ttl_s
         limit = self._l1_entries
         writes = []
+        shared = self._shared
         for key, value in zip(keys, values):
             if isinstance(value, MlserveError):
+                self._release((key,))
                 continue  # this row's own failure (an image that did not decode): never cached
             if limit:
                 self._remember(key, value, expires)
-            if self._redis is not None:
-                writes.append((self._prefix + key, _encode(value), int(view.ttl_s * 1000)))
+            if shared is not None or self._redis is not None:
+                encoded = _encode(value)
+                if shared is not None:
+                    shared.put(table_key(key), encoded, expires)
+                if self._redis is not None:
+                    writes.append((self._prefix + key, encoded, int(view.ttl_s * 1000)))
         if writes and self._breaker.allows(loop.time()) and len(self._writes) < MAX_PENDING_WRITES:
             self._writes += writes
             if not self._writing:
@@ -405,3 +492,6 @@ class PredictionCache:
         for task in list(self._tasks):
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self._shared is not None:
+            self._awaited.clear()
+            self._shared.close()

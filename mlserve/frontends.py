@@ -48,6 +48,10 @@ LISTENING = "listening"
 """What a front end sends its supervisor once it accepts connections."""
 SOCKET_NAME = "frontend-{}.sock"
 """A front end's Unix socket in the run directory, by its index."""
+TABLE_NAME = "cached-rows.table"
+"""The cache's table that the front ends share (``mlserve.sharedtable``), in the run directory."""
+SHARED_MEMORY = "/dev/shm"
+"""Where the run directory goes when the system has it: the shared table is then memory, never written to disk."""
 SIBLING_TIMEOUT_S = 2.0
 """A sibling that does not answer a scrape within this is left out of it (and the answer says so)."""
 ONE_FRONTEND = "frontend"
@@ -66,10 +70,14 @@ class Role(msgspec.Struct, frozen=True):
     index: int
     count: int
     run_dir: str
-    """A private directory holding each front end's Unix socket."""
+    """A private directory holding each front end's Unix socket and the cache's shared table."""
 
     def socket_path(self, index: int) -> str:
         return str(Path(self.run_dir) / SOCKET_NAME.format(index))
+
+    @property
+    def cache_table(self) -> str:
+        return str(Path(self.run_dir) / TABLE_NAME)
 
     @property
     def own_socket(self) -> str:
@@ -127,7 +135,8 @@ def supervise(settings: Settings, serve: Serve) -> int:
     """Run ``settings.frontend_count`` front ends until SIGTERM or SIGINT and they have drained; the
     exit status."""
     count = settings.frontend_count
-    run_dir = tempfile.mkdtemp(prefix="mlserve-frontends-")
+    memory = os.path.isdir(SHARED_MEMORY) and os.access(SHARED_MEMORY, os.W_OK)
+    run_dir = tempfile.mkdtemp(prefix="mlserve-frontends-", dir=SHARED_MEMORY if memory else None)
     context = multiprocessing.get_context("spawn")
     processes: dict[int, Any] = {}
     links: dict[Connection, int] = {}

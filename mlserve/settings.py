@@ -284,6 +284,11 @@ class Settings(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
         return (own.ttl_s or self.cache.ttl_s) if enabled else None
 
     @property
+    def caches_any(self) -> bool:
+        """Whether some model's predictions may be cached: on for all, or turned on for one."""
+        return self.cache.enabled or any(model.cache.enabled for model in self.models.values())
+
+    @property
     def mlflow_cache(self) -> str:
         if self.mlflow_cache_dir:
             return self.mlflow_cache_dir

@@ -38,7 +38,8 @@ ALLOWED: dict[str, set[str]] = {
     "inline": {"errors", "ipc", "repository", "settings", "worker"},
     "batcher": {"errors"},
     "redislink": set(),
-    "cache": {"batcher", "errors", "redislink", "settings"},
+    "sharedtable": set(),
+    "cache": {"batcher", "errors", "redislink", "settings", "sharedtable"},
     "registry": {"batcher", "cache", "errors", "experiments", "metrics", "repository", "schemas", "settings"},
     "routing": {"errors", "experiments", "registry"},
     "state": {"errors", "experiments", "settings"},
@@ -80,7 +81,7 @@ ALLOWED: dict[str, set[str]] = {
     "app": {
         "api", "api.errors", "api.keys", "api.routedoc", "cache", "connections", "control", "frontends", "loopload",
         "metrics", "pool",
-        "predictionlog", "registry", "service", "settings", "state",
+        "predictionlog", "registry", "service", "settings", "sharedtable", "state",
     },
     "connections": {"schemas", "settings"},
     "metricsmerge": set(),

@@ -55,6 +55,16 @@ class RaisingModel:
         return batch[:, 0]
 
 
+class SlowRaisingModel(SlowModel):
+    """Like ``RaisingModel``, after sleeping ``delay_s`` a call: a batch that fails while callers wait."""
+
+    def predict(self, batch: np.ndarray) -> np.ndarray:
+        if batch.any():
+            time.sleep(self.delay_s)
+            raise ValueError("this model is broken")
+        return batch[:, 0]
+
+
 class CrashingModel(SlowModel):
     """Kills its worker process when a row's first feature is ``CRASH_VALUE``."""
 
