@@ -23,7 +23,6 @@ import pytest
 
 from mlserve.demo_models import IRIS
 from mlserve.frontends import worker_share
-from redisproc import RedisProc
 from serverproc import (
     Metrics, ServerProc, assert_ok, call, child_pids, mlserve_command, mlserve_env, poll, predict, scrape,
 )
