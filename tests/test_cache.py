@@ -64,6 +64,25 @@ async def test_l1_is_an_lru_with_a_ttl() -> None:
     await cache.close()
 
 
+async def test_a_hit_whose_caller_went_away_is_dropped_quietly() -> None:
+    """A hit is resolved on the next loop iteration; a client that hung up meanwhile cancelled it (seen
+    at the end of every load run as an ``InvalidStateError`` traceback a connection)."""
+    loop = asyncio.get_running_loop()
+    errors: list[dict[str, object]] = []
+    loop.set_exception_handler(lambda _loop, context: errors.append(context))
+    cache = PredictionCache(CacheSettings(enabled=True), None, "t")
+    view = CacheView("m", "v1", ttl_s=60)
+    keys, _, _ = cache.lookup(view, [[1.0]], bypass=False)
+    cache.store(view, keys, ["a"])
+    answer = cache.answer(view, [[1.0]], False, submit=lambda *args: pytest.fail("a hit computes nothing"),
+                          timeout_s=1.0)
+    assert isinstance(answer, asyncio.Future)
+    answer.cancel()
+    await asyncio.sleep(0.01)
+    assert errors == []
+    await cache.close()
+
+
 # -- a real server ---------------------------------------------------------------------------------------
 
 
