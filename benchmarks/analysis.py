@@ -60,7 +60,8 @@ def add_ratios(points: list[Point], offline: dict[str, Any]) -> None:
     * ``on_off``: batching-on req/s / batching-off req/s (on rows only).
     * ``vs_offline_b32``: served rows/s / offline batch-32 rows/s (1 row/request).
     * ``vs_peer``: mlserve's batching-on req/s / MLServer's on the same model, when it ran.
-    * ``vs_cache_off``: a cache scenario's req/s / the same model's with the cache off (``VERSION-on``).
+    * ``vs_cache_off``: a cache scenario's req/s / the same model's with the cache off (``VERSION-on``, or
+      ``VERSION-feN`` for a cache scenario on N front ends).
     * ``vs_reference``, ``p50_vs_reference``, ``p99_vs_reference``: req/s, p50 and p99 over those of
       the scenario's reference (the same model served the plain way), when it names one;
       ``rows_vs_reference`` too, rows/s over rows/s, when either sends more than one row a request.
@@ -78,7 +79,8 @@ def add_ratios(points: list[Point], offline: dict[str, Any]) -> None:
                 peer = _find(points, f"mlserver-{point['version']}", c)
                 ratios["vs_peer"] = _div(point["rps"], peer["rps"] if peer else None)
             if point.get("cache"):
-                off = _find(points, f"{point['version']}-on", c)
+                front_ends = point.get("frontends", 1)
+                off = _find(points, f"{point['version']}-on" if front_ends == 1 else f"{point['version']}-fe{front_ends}", c)
                 ratios["vs_cache_off"] = _div(point["rps"], off["rps"] if off else None)
             key = f"{point.get('model', 'iris_classifier')}:{point['version']}"
             ratios["vs_offline_b32"] = _div(point["rps"], offline_b32(offline, key))

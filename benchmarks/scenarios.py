@@ -237,6 +237,10 @@ CATALOGUE: tuple[Scenario, ...] = (
     Scenario("v1-cache-hit-redis", "mlserve", "v1", True, cache="redis", distinct=CACHE_DISTINCT, points=(64,)),
     Scenario("v1-cache-miss", "mlserve", "v1", True, cache="l1", points=(64,)),
     Scenario("v1-cache-miss-redis", "mlserve", "v1", True, cache="l1+redis", points=(64,)),
+    # The same with two front ends sharing the cache (hits and single-flight through their shared
+    # table), each against v1-fe2 (two front ends, cache off).
+    Scenario("v1-cache-hit-fe2", "mlserve", "v1", True, cache="l1", distinct=CACHE_DISTINCT, points=(64,), frontends=2),
+    Scenario("v1-cache-miss-fe2", "mlserve", "v1", True, cache="l1", points=(64,), frontends=2),
     Scenario("v1-cache-outage", "mlserve", "v1", True, cache="redis", distinct=CACHE_DISTINCT, outage=True,
              points=()),
     # Traffic experiments, at 64 connections: every call assigned by user (all to v1, so the model's

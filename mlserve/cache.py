@@ -56,6 +56,9 @@ SET_MANY = "for i, key in ipairs(KEYS) do redis.call('SET', key, ARGV[i], 'PX', 
 """Stores KEYS[i] = ARGV[i], each expiring after the last argument's milliseconds."""
 
 Submit = Callable[..., "asyncio.Future[BatchResult]"]
+Plan = tuple[dict[bytes, list[int]], list[tuple[int, "_Computation"]], list[int]]
+"""Rows to compute (by key, with the rows that repeat it), to take from computations in flight here,
+and to await from other front ends."""
 """``Batcher.submit``: rows, a timeout, and what hears the outputs as they are delivered."""
 _encode = msgspec.msgpack.Encoder().encode
 _decode = msgspec.msgpack.Decoder().decode
@@ -109,6 +112,12 @@ class _Computation:
 
     def __call__(self, values: list[Any]) -> None:
         self.cache.stored(self, values)
+
+    def ended(self, future: asyncio.Future[BatchResult]) -> None:
+        """With a shared table: a computation that failed (or whose caller went away) gives up its
+        claims, so other front ends waiting for its rows compute them at once."""
+        if future.cancelled() or future.exception() is not None:
+            self.cache.release(self.keys)
 
 
 class _Breaker:
@@ -177,16 +186,31 @@ class PredictionCache:
         keys, values, missing = self.lookup(view, rows, fresh)
         loop = self._loop or self._bind()
         if not missing:
-            # Resolved on the next loop iteration, not now: a handler that finishes inside the read
-            # that brought its request answers one socket per wake-up, which measured a third more
-            # CPU a request (twice the system time) than answering the iteration's hits together.
-            done: asyncio.Future[BatchResult] = loop.create_future()
-            loop.call_soon(_resolve, done, BatchResult(values, 0.0, cached=True))
-            return done
-        ask_redis = self._redis is not None and not fresh and self._breaker.allows(loop.time())
-        if not ask_redis and self._shared is None and len(missing) == len(rows) and self._none_running(keys):
+            return self._hit(values)
+        deadline = loop.time() + timeout_s
+        if self._redis is not None and not fresh and self._breaker.allows(loop.time()):
+            return self._complete(view, rows, keys, values, missing, submit, deadline, fresh)
+        if (self._shared is None or fresh) and len(missing) == len(rows) and self._none_running(keys):
             return self._compute(view, keys, rows, submit, timeout_s)
-        return self._complete(view, rows, keys, values, missing, submit, loop.time() + timeout_s, ask_redis, fresh)
+        # With a shared table, claims decide first (no coroutine yet): most misses are new everywhere.
+        plan = self._plan(keys, values, missing, deadline, fresh)
+        leaders, followers, elsewhere = plan
+        if not followers and not elsewhere:
+            if len(leaders) == len(rows):
+                return self._compute(view, keys, rows, submit, timeout_s)
+            if not leaders:
+                return self._hit(values)  # every row from the shared table
+        return self._finish(view, rows, keys, values, plan, submit, deadline)
+
+    def _hit(self, values: list[Any]) -> asyncio.Future[BatchResult]:
+        """Every row's value found: a future resolved on the next loop iteration, not now. A handler that
+        finishes inside the read that brought its request answers one socket per wake-up, which
+        measured a third more CPU a request (twice the system time) than answering the iteration's
+        hits together."""
+        loop = self._loop or self._bind()
+        done: asyncio.Future[BatchResult] = loop.create_future()
+        loop.call_soon(_resolve, done, BatchResult(values, 0.0, cached=True))
+        return done
 
     def lookup(self, view: CacheView, rows: Rows, bypass: bool) -> tuple[list[bytes], list[Any], list[int]]:
         """Keys, values found in L1 (``MISS`` elsewhere), and the indices still missing."""
@@ -208,8 +232,6 @@ class PredictionCache:
             if entry is not None and entry[1] > now:
                 l1.move_to_end(key)
                 values.append(entry[0])
-            elif self._shared is not None and (found := self._shared.look(table_key(key), now)) not in (None, PENDING):
-                values.append(self._found(key, found))
             else:
                 values.append(MISS)
                 missing.append(index)
@@ -238,6 +260,8 @@ class PredictionCache:
         """Submit ``rows`` (all distinct, none in flight), marked as in flight until they are stored."""
         computation = _Computation(self, view, keys)
         future = computation.future = submit(rows, timeout_s, computation)
+        if self._shared is not None:
+            future.add_done_callback(computation.ended)
         running = self._running
         if len(running) > MAX_RUNNING:
             for key in [k for k, c in running.items() if c.future.done()]:
@@ -255,20 +279,24 @@ class PredictionCache:
         missing: list[int],
         submit: Submit,
         deadline: float,
-        ask_redis: bool,
         fresh: bool,
     ) -> BatchResult:
-        """Fill the rows L1 missed: from Redis, from a computation already in flight (here or in
-        another front end), or by computing."""
-        loop = self._loop or self._bind()
-        if ask_redis:
-            missing = await self._from_redis(view, keys, values, missing)
-            if not missing:
-                return BatchResult(values, 0.0, cached=True)
+        """Fill the rows L1 missed from Redis, then as ``_finish`` does."""
+        missing = await self._from_redis(view, keys, values, missing)
+        if not missing:
+            return BatchResult(values, 0.0, cached=True)
+        return await self._finish(view, rows, keys, values, self._plan(keys, values, missing, deadline, fresh),
+                                  submit, deadline)
+
+    def _plan(self, keys: list[bytes], values: list[Any], missing: list[int], deadline: float, fresh: bool) -> Plan:
+        """How each missing row gets its value: computed here (by key, the rows that repeat it), taken
+        from a computation in flight here, or awaited from another front end's; rows the shared table
+        holds are filled in at once."""
         leaders: dict[bytes, list[int]] = {}
         followers: list[tuple[int, _Computation]] = []
         elsewhere: list[int] = []
         shared = None if fresh else self._shared
+        now = (self._loop or self._bind()).time()
         for index in missing:
             key = keys[index]
             running = self._running_computation(key)
@@ -276,7 +304,7 @@ class PredictionCache:
                 followers.append((index, running))
                 continue
             if shared is not None and key not in leaders:
-                claim = shared.claim(table_key(key), deadline, loop.time())
+                claim = shared.claim(table_key(key), deadline, now)
                 if claim is PENDING:
                     elsewhere.append(index)
                     continue
@@ -284,15 +312,20 @@ class PredictionCache:
                     values[index] = self._found(key, claim)
                     continue
             leaders.setdefault(key, []).append(index)
+        return leaders, followers, elsewhere
+
+    async def _finish(
+        self, view: CacheView, rows: Rows, keys: list[bytes], values: list[Any], plan: Plan, submit: Submit,
+        deadline: float,
+    ) -> BatchResult:
+        """Carry out ``plan``: compute the leading rows in one submission, then collect the others."""
+        leaders, followers, elsewhere = plan
+        loop = self._loop or self._bind()
         compute_s = 0.0
         if leaders:
             order = list(leaders)
-            try:
-                result = await self._compute(view, order, [rows[leaders[key][0]] for key in order], submit,
-                                             deadline - loop.time())
-            except BaseException:
-                self._release(order)
-                raise
+            result = await self._compute(view, order, [rows[leaders[key][0]] for key in order], submit,
+                                         deadline - loop.time())
             compute_s = result.compute_s
             for position, key in enumerate(order):
                 for index in leaders[key]:
@@ -360,7 +393,7 @@ class PredictionCache:
             self._remember(key, value, found[1])
         return value
 
-    def _release(self, keys: Sequence[bytes]) -> None:
+    def release(self, keys: Sequence[bytes]) -> None:
         """Let other front ends compute rows this one claimed and will not store."""
         if self._shared is not None:
             for key in keys:
@@ -382,7 +415,7 @@ class PredictionCache:
         shared = self._shared
         for key, value in zip(keys, values):
             if isinstance(value, MlserveError):
-                self._release((key,))
+                self.release((key,))
                 continue  # this row's own failure (an image that did not decode): never cached
             if limit:
                 self._remember(key, value, expires)

@@ -143,3 +143,14 @@ def test_front_end_counts_are_parsed_like_concurrency() -> None:
     for bad in ("0,2", "two", ","):
         with pytest.raises(ValueError, match="--frontends"):
             scenarios.parse_counts(bad, "--frontends")
+
+
+def test_a_cache_scenario_on_two_front_ends_is_read_against_two_front_ends_with_the_cache_off() -> None:
+    points = [_point(_by_name("floor"), 8000.0), _point(_by_name("v1-on"), 6000.0),
+              _point(frontend_scenario("pool", 2), 9000.0), _point(_by_name("v1-cache-miss"), 5400.0),
+              _point(_by_name("v1-cache-miss-fe2"), 8100.0), _point(_by_name("v1-cache-hit-fe2"), 12000.0)]
+    analysis.add_ratios(points, {})
+    ratios = {p["scenario"]: p["ratios"] for p in points if p["scenario"].startswith("v1-cache")}
+    assert ratios["v1-cache-miss"]["vs_cache_off"] == 0.9, "one front end: against v1-on"
+    assert ratios["v1-cache-miss-fe2"]["vs_cache_off"] == 0.9, "two: against v1-fe2"
+    assert ratios["v1-cache-hit-fe2"]["vs_floor"] == 1.5, "the floor is the single-process one"
