@@ -49,7 +49,7 @@ from mlserve.errors import (
     ValidationFailed,
 )
 from mlserve.experiments import Experiment, check
-from mlserve.inline import InlineExecutor
+from mlserve.inline import INLINE_BELOW_S, InlineExecutor
 from mlserve.metrics import Metrics
 from mlserve.pool import WorkerPool
 from mlserve.registry import Registry, ServedVersion
@@ -646,8 +646,10 @@ class ControlPlane:
             if served.executor != "pool":
                 times = await self._inline.load(spec, warmup_rows)
             if served.executor == "auto":
-                served.executor = "inline" if await self._inline.cheap(spec, knobs.max_batch_size) else "pool"
-                log.info("%s runs %s: its batch of %d rows measured", spec.key, served.executor, knobs.max_batch_size)
+                batch_s = await self._inline.batch_s(spec, knobs.max_batch_size)
+                served.executor = "inline" if batch_s < INLINE_BELOW_S else "pool"
+                log.info("%s runs %s: a warm batch of %d rows took %.0f us (inline below %.0f us)", spec.key,
+                         served.executor, knobs.max_batch_size, batch_s * 1e6, INLINE_BELOW_S * 1e6)
                 if served.executor == "pool":
                     self._inline.unload(spec.key)
             if served.executor == "pool":

@@ -42,8 +42,9 @@ class InlineExecutor:
         except Exception as exc:
             raise PredictionFailed(f"{type(exc).__name__}: {exc}") from None
 
-    async def cheap(self, spec: ModelSpec, rows: int) -> bool:
-        """Whether a loaded version's batch of ``rows`` costs less than a trip to a worker."""
+    async def batch_s(self, spec: ModelSpec, rows: int) -> float:
+        """What a loaded version's warm batch of ``rows`` costs here: under ``INLINE_BELOW_S``, less than
+        a trip to a worker."""
         batch = warmup_input(spec, rows)
 
         def quickest() -> float:
@@ -54,7 +55,7 @@ class InlineExecutor:
                 times.append(time.perf_counter() - started)
             return min(times)
 
-        return await asyncio.to_thread(quickest) < INLINE_BELOW_S
+        return await asyncio.to_thread(quickest)
 
     def unload(self, key: str) -> None:
         self._table.unload(key)
