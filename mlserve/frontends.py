@@ -22,10 +22,12 @@ listens stops the whole server, since the next would fail the same way (a taken 
 from __future__ import annotations
 
 import asyncio
+import ctypes
 import logging
 import math
 import multiprocessing
 import os
+import shutil
 import signal
 import tempfile
 import time
@@ -131,12 +133,38 @@ def worker_share(total: int, count: int, index: int) -> int:
     return max(1, total // count + (index < total % count))
 
 
+RUN_DIR_PREFIX = "mlserve-frontends-{}-"
+"""The run directory's name starts with this, and the supervisor's pid."""
+
+
+def _make_run_dir() -> str:
+    """A new run directory, in shared memory where the system has it, after removing those that
+    supervisors killed outright (SIGKILL runs no cleanup) left behind: each holds the cache's table,
+    which would otherwise keep its memory until the next reboot."""
+    parent = SHARED_MEMORY if os.path.isdir(SHARED_MEMORY) and os.access(SHARED_MEMORY, os.W_OK) else None
+    for left in Path(parent or tempfile.gettempdir()).glob(RUN_DIR_PREFIX.format("*") + "*"):
+        pid = left.name.split("-")[2]
+        if pid.isdigit() and not _alive(int(pid)):
+            shutil.rmtree(left, ignore_errors=True)
+            log.info("removed %s, left by a supervisor that is gone", left)
+    return tempfile.mkdtemp(prefix=RUN_DIR_PREFIX.format(os.getpid()), dir=parent)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # another user's process
+    return True
+
+
 def supervise(settings: Settings, serve: Serve) -> int:
     """Run ``settings.frontend_count`` front ends until SIGTERM or SIGINT and they have drained; the
     exit status."""
     count = settings.frontend_count
-    memory = os.path.isdir(SHARED_MEMORY) and os.access(SHARED_MEMORY, os.W_OK)
-    run_dir = tempfile.mkdtemp(prefix="mlserve-frontends-", dir=SHARED_MEMORY if memory else None)
+    run_dir = _make_run_dir()
     context = multiprocessing.get_context("spawn")
     processes: dict[int, Any] = {}
     links: dict[Connection, int] = {}
@@ -214,10 +242,29 @@ def supervise(settings: Settings, serve: Serve) -> int:
     return status
 
 
+PR_SET_PDEATHSIG = 1
+"""Linux's ``prctl`` option: the signal a process gets when its parent dies."""
+
+
+def _stop_with_supervisor() -> None:
+    """Have Linux send this front end SIGTERM when its supervisor dies, so a supervisor killed outright
+    (SIGKILL runs no handler) leaves no front end holding the port: each drains and stops. Elsewhere
+    nothing is done."""
+    try:
+        prctl = ctypes.CDLL(None, use_errno=True).prctl
+    except (OSError, AttributeError):
+        return
+    if prctl(PR_SET_PDEATHSIG, signal.SIGTERM) == 0:
+        supervisor = multiprocessing.parent_process()
+        if supervisor is not None and not supervisor.is_alive():  # it died before the prctl
+            os.kill(os.getpid(), signal.SIGTERM)
+
+
 def _frontend(serve: Serve, settings: Settings, role: Role, link: Connection) -> None:
     """A front end's process: the supervisor's logging, then the server. It ignores SIGINT, which a
     terminal's Ctrl-C sends the whole process group: the supervisor passes it on, once, as SIGTERM."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    _stop_with_supervisor()
     logging.basicConfig(
         level=settings.log_level.upper(),
         format=f"%(asctime)s %(levelname)s [frontend {role.index}] %(name)s: %(message)s",

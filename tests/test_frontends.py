@@ -225,6 +225,36 @@ async def test_a_row_whose_batch_fails_is_not_awaited_across_front_ends_until_th
                for m in each), "both front ends took some of the calls"
 
 
+def running(pid: int) -> bool:
+    """Whether ``pid`` still runs (a zombie that nobody reaped has stopped)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+async def test_a_supervisor_killed_outright_leaves_no_front_end_and_the_next_start_removes_its_run_directory(
+    start_server: StartServer, demo_models_dir: Path
+) -> None:
+    cache_on = {"MLSERVE_CACHE__ENABLED": "true"}
+    first = start_server(demo_models_dir, frontends=FRONTENDS, env=cache_on)
+    run_dir = Path(sockets(first)[0]).parent
+    front_ends = frontend_pids(first)
+    assert len(front_ends) == FRONTENDS and (run_dir / "cached-rows.table").exists()
+    os.kill(first.pid, signal.SIGKILL)
+    assert first.wait_exit() == -signal.SIGKILL  # reaped, as its parent (a shell, an init) would
+
+    async def front_ends_gone() -> bool:
+        return not any(map(running, front_ends))
+
+    await poll(front_ends_gone, timeout_s=20, what="the front ends to stop with their supervisor")
+    with pytest.raises(ConnectionRefusedError):
+        socket.create_connection(("127.0.0.1", first.port), timeout=2).close()
+    assert run_dir.exists(), "SIGKILL ran no clean-up"
+    start_server(demo_models_dir, frontends=FRONTENDS, env=cache_on)
+    assert not run_dir.exists(), "the next supervisor removed what the killed one left"
+
+
 def test_a_taken_port_stops_the_whole_server(demo_models_dir: Path, tmp_path: Path) -> None:
     with socket.socket() as squatter:
         squatter.bind(("127.0.0.1", 0))
