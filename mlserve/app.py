@@ -19,7 +19,9 @@ from aiohttp.web_runner import GracefulExit
 from mlserve import connections, frontends
 from mlserve.api import admin, docs, experiments, health, invocations, models, predict, v2
 from mlserve.api.errors import add_fallback_route, guard
-from mlserve.api.keys import CACHE, CONTROL, LOOP_LOAD, METRICS, POOL, PREDICTION_LOG, REGISTRY, SERVICE, SETTINGS
+from mlserve.api.keys import (
+    CACHE, CONTROL, LOOP_LOAD, METRICS, POOL, PREDICTION_LOG, REGISTRY, ROLE, SERVICE, SETTINGS,
+)
 from mlserve.api.routedoc import RouteDoc
 from mlserve.cache import PredictionCache
 from mlserve.control import ControlPlane
@@ -141,6 +143,8 @@ def create_app(settings: Settings, role: frontends.Role | None = None) -> web.Ap
     """
     app = web.Application(client_max_size=settings.max_body_bytes)
     app[SETTINGS] = settings
+    if role is not None:
+        app[ROLE] = role
     app[METRICS] = Metrics()
     app[POOL] = WorkerPool(settings.worker_count, settings.worker_options, settings.worker_start_timeout_s)
     app[REGISTRY] = Registry()

@@ -95,28 +95,37 @@ Serve = Callable[[Settings, Role | None, Callable[[], None] | None], None]
 listens."""
 
 
+async def ask_siblings(role: Role, target: str) -> list[bytes]:
+    """``GET target?scope=frontend`` of every sibling over its Unix socket: the bodies of those that
+    answered (one that did not is left out, and logged)."""
+    timeout = aiohttp.ClientTimeout(total=SIBLING_TIMEOUT_S)
+
+    async def ask(path: str) -> bytes:
+        async with aiohttp.ClientSession(connector=aiohttp.UnixConnector(path), timeout=timeout) as session:
+            async with session.get(f"http://frontend{target}", params={"scope": ONE_FRONTEND}) as response:
+                response.raise_for_status()
+                return await response.read()
+
+    answers = await asyncio.gather(*(ask(path) for path in role.siblings), return_exceptions=True)
+    bodies = []
+    for path, answer in zip(role.siblings, answers):
+        if isinstance(answer, BaseException):
+            log.warning("front end at %s left out of this answer to %s: %s", path, target,
+                        answer or type(answer).__name__)
+        else:
+            bodies.append(answer)
+    return bodies
+
+
 def whole_server_metrics(metrics: Metrics, role: Role) -> Callable[[web.Request], Any]:
     """The ``/metrics`` handler of a front end among several: its own figures merged with every
-    sibling's, fetched over their Unix sockets, so a scrape describes the whole server wherever the
-    kernel sent it. ``mlserve_frontends_scraped`` says how many front ends the answer holds."""
-
-    async def fetch(path: str) -> str:
-        timeout = aiohttp.ClientTimeout(total=SIBLING_TIMEOUT_S)
-        async with aiohttp.ClientSession(connector=aiohttp.UnixConnector(path), timeout=timeout) as session:
-            async with session.get("http://frontend/metrics", params={"scope": ONE_FRONTEND}) as response:
-                response.raise_for_status()
-                return await response.text()
+    sibling's, so a scrape describes the whole server wherever the kernel sent it.
+    ``mlserve_frontends_scraped`` says how many front ends the answer holds."""
 
     async def handle(request: web.Request) -> web.Response:
         if request.query.get("scope") == ONE_FRONTEND:
             return web.Response(text=metrics.text(), headers=EXPOSITION)
-        answers = await asyncio.gather(*(fetch(path) for path in role.siblings), return_exceptions=True)
-        texts = [metrics.text()]
-        for path, answer in zip(role.siblings, answers):
-            if isinstance(answer, BaseException):
-                log.warning("front end at %s left out of this scrape: %s", path, answer or type(answer).__name__)
-            else:
-                texts.append(answer)
+        texts = [metrics.text(), *(body.decode() for body in await ask_siblings(role, "/metrics"))]
         scraped = (
             "# HELP mlserve_frontends_scraped Front ends whose figures this answer holds, of mlserve_frontends.\n"
             f"# TYPE mlserve_frontends_scraped gauge\nmlserve_frontends_scraped {len(texts)}\n"

@@ -203,7 +203,8 @@ class ExperimentView(msgspec.Struct, omit_defaults=True):
     salt: str
     shadow: Shadow | None
     assigned: dict[str, int]
-    """Calls this replica gave each variant since the experiment began (or last changed)."""
+    """Calls this replica (all its front ends, on ``GET``) gave each variant since the experiment began
+    (or last changed)."""
     shadow_results: dict[str, int] = {}
     """This replica's shadow copies of the model's calls, by result (agree, disagree, error, dropped)."""
 

@@ -131,6 +131,10 @@ async def test_an_activation_and_an_experiment_reach_every_front_end(
             ])
     assert chosen[0] == chosen[1], "a user sees the same version whichever front end answers"
     assert set(chosen[0]) == {"v1", "v2"}
+    whole = assert_ok(await call(spread, "GET", server.url(f"/models/{IRIS}/experiment")))
+    assert sum(whole["assigned"].values()) == FRONTENDS * len(users), "every front end's calls, wherever it is asked"
+    alone = await on_each(server, "GET", f"/models/{IRIS}/experiment?scope=frontend")
+    assert [sum(a["assigned"].values()) for a in alone] == [len(users)] * FRONTENDS  # type: ignore[union-attr]
 
 
 async def test_a_front_end_that_dies_is_replaced_while_the_others_serve(

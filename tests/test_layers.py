@@ -54,7 +54,10 @@ ALLOWED: dict[str, set[str]] = {
     "digits_cnn": set(),
     "demo_models": {"digits_cnn", "repository", "runtimes", "schemas"},
     "api": set(),
-    "api.keys": {"batcher", "cache", "control", "loopload", "metrics", "pool", "predictionlog", "registry", "service", "settings"},
+    "api.keys": {
+        "batcher", "cache", "control", "frontends", "loopload", "metrics", "pool", "predictionlog", "registry",
+        "service", "settings",
+    },
     "api.errors": {"api.keys", "errors", "metrics", "schemas"},
     "api.logged": {"api.errors", "api.keys", "batcher", "predictionlog", "registry", "schemas", "service"},
     "api.http": {"api.errors", "api.keys", "batcher", "errors", "schemas"},
@@ -69,7 +72,8 @@ ALLOWED: dict[str, set[str]] = {
         "registry", "schemas", "service",
     },
     "api.experiments": {
-        "api.admin", "api.errors", "api.http", "api.keys", "api.routedoc", "errors", "experiments", "schemas",
+        "api.admin", "api.errors", "api.http", "api.keys", "api.routedoc", "errors", "experiments", "frontends",
+        "schemas",
     },
     "api.invocations": {
         "api.errors", "api.http", "api.keys", "api.predict", "api.routedoc", "errors", "metrics", "schemas", "service",
