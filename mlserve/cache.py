@@ -56,10 +56,10 @@ SET_MANY = "for i, key in ipairs(KEYS) do redis.call('SET', key, ARGV[i], 'PX', 
 """Stores KEYS[i] = ARGV[i], each expiring after the last argument's milliseconds."""
 
 Submit = Callable[..., "asyncio.Future[BatchResult]"]
+"""``Batcher.submit``: rows, a timeout, and what hears the outputs as they are delivered."""
 Plan = tuple[dict[bytes, list[int]], list[tuple[int, "_Computation"]], list[int]]
 """Rows to compute (by key, with the rows that repeat it), to take from computations in flight here,
 and to await from other front ends."""
-"""``Batcher.submit``: rows, a timeout, and what hears the outputs as they are delivered."""
 _encode = msgspec.msgpack.Encoder().encode
 _decode = msgspec.msgpack.Decoder().decode
 
