@@ -80,7 +80,8 @@ def add_ratios(points: list[Point], offline: dict[str, Any]) -> None:
                 ratios["vs_peer"] = _div(point["rps"], peer["rps"] if peer else None)
             if point.get("cache"):
                 front_ends = point.get("frontends", 1)
-                off = _find(points, f"{point['version']}-on" if front_ends == 1 else f"{point['version']}-fe{front_ends}", c)
+                cache_off = f"{point['version']}-on" if front_ends == 1 else f"{point['version']}-fe{front_ends}"
+                off = _find(points, cache_off, c)
                 ratios["vs_cache_off"] = _div(point["rps"], off["rps"] if off else None)
             key = f"{point.get('model', 'iris_classifier')}:{point['version']}"
             ratios["vs_offline_b32"] = _div(point["rps"], offline_b32(offline, key))

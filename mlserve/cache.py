@@ -187,11 +187,11 @@ class PredictionCache:
         loop = self._loop or self._bind()
         if not missing:
             return self._hit(values)
-        deadline = loop.time() + timeout_s
-        if self._redis is not None and not fresh and self._breaker.allows(loop.time()):
-            return self._complete(view, rows, keys, values, missing, submit, deadline, fresh)
+        if self._redis is not None and not fresh and self._breaker.allows(now := loop.time()):
+            return self._complete(view, rows, keys, values, missing, submit, now + timeout_s, fresh)
         if (self._shared is None or fresh) and len(missing) == len(rows) and self._none_running(keys):
             return self._compute(view, keys, rows, submit, timeout_s)
+        deadline = loop.time() + timeout_s
         # With a shared table, claims decide first (no coroutine yet): most misses are new everywhere.
         plan = self._plan(keys, values, missing, deadline, fresh)
         leaders, followers, elsewhere = plan

@@ -55,9 +55,10 @@ TABLE_NAME = "cached-rows.table"
 SHARED_MEMORY = "/dev/shm"
 """Where the run directory goes when the system has it: the shared table is then memory, never written to disk."""
 SIBLING_TIMEOUT_S = 2.0
-"""A sibling that does not answer a scrape within this is left out of it (and the answer says so)."""
+"""A sibling that does not answer within this is left out of the whole-server answer (and logged)."""
 ONE_FRONTEND = "frontend"
-"""``/metrics?scope=frontend``: this front end's figures alone (what a sibling's scrape asks for)."""
+"""``?scope=frontend`` (on ``/metrics`` and an experiment's ``GET``): this front end's figures alone,
+what a sibling asks for."""
 KILL_AFTER_S = 15.0
 """Grace beyond ``drain_delay_s`` and ``shutdown_timeout_s`` before a front end that has not stopped is killed."""
 EXPOSITION = {"Content-Type": "text/plain; version=0.0.4; charset=utf-8"}
@@ -165,7 +166,7 @@ def _alive(pid: int) -> bool:
     except ProcessLookupError:
         return False
     except PermissionError:
-        return True  # another user's process
+        pass  # another user's process
     return True
 
 

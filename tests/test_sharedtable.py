@@ -20,6 +20,11 @@ def in_another_process(path: Path, code: str) -> str:
     return subprocess.run([sys.executable, "-c", script], check=True, capture_output=True, text=True).stdout.strip()
 
 
+def claim_elsewhere(path: Path, key: bytes) -> str:
+    """What another process's claim of ``key`` (until a minute from now) found."""
+    return in_another_process(path, f"import time; print(table.claim({key!r}, time.monotonic() + 60, time.monotonic()))")
+
+
 def test_what_one_process_stores_another_finds_until_it_expires(tmp_path: Path) -> None:
     path = tmp_path / "rows.table"
     in_another_process(path, f"import time; table.put({KEY!r}, b'answer', time.monotonic() + 0.3)")
@@ -35,17 +40,14 @@ def test_a_claim_makes_one_process_the_rows_computer_until_it_stores_or_releases
     table = SharedTable(str(path), SLOTS)
     now = time.monotonic()
     assert table.claim(KEY, now + 60, now) == LEAD
-    assert in_another_process(path, f"import time; print(table.claim({KEY!r}, time.monotonic() + 60, time.monotonic()))") \
-        == PENDING
+    assert claim_elsewhere(path, KEY) == PENDING
     assert in_another_process(path, f"import time; print(table.look({KEY!r}, time.monotonic()))") == PENDING
     table.put(KEY, b"answer", now + 60)
-    assert in_another_process(path, f"import time; print(table.claim({KEY!r}, time.monotonic() + 60, time.monotonic()))") \
-        .startswith("(b'answer'")
+    assert claim_elsewhere(path, KEY).startswith("(b'answer'")
     other = table_key(b"a row whose batch failed")
     assert table.claim(other, now + 60, now) == LEAD
     table.release(other)
-    assert in_another_process(path, f"import time; print(table.claim({other!r}, time.monotonic() + 60, time.monotonic()))") \
-        == LEAD, "released: the next process to ask computes it at once"
+    assert claim_elsewhere(path, other) == LEAD, "released: the next process to ask computes it at once"
 
 
 def test_a_claim_lapses_at_its_deadline(tmp_path: Path) -> None:

@@ -87,8 +87,8 @@ DOCS: tuple[RouteDoc, ...] = (
     RouteDoc("PUT", PATH, "Start or replace the model's traffic experiment", Experiment, response=ExperimentView,
              errors=(400, 404, 422, 503), admin=True, tag="experiments",
              example={"variants": {"v1": 0.8, "v2": 0.2}, "salt": "spring-test"}),
-    RouteDoc("GET", PATH, "The running experiment and this replica's counts (every front end's)", response=ExperimentView,
-             errors=(404,), tag="experiments"),
+    RouteDoc("GET", PATH, "The running experiment and this replica's counts (every front end's)",
+             response=ExperimentView, errors=(404,), tag="experiments"),
     RouteDoc("DELETE", PATH, "End the experiment: calls go to the active version again", response=ExperimentView,
              errors=(404, 503), admin=True, tag="experiments"),
 )
