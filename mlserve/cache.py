@@ -1,8 +1,8 @@
 """The prediction cache: an in-process LRU (L1) in front of an optional shared Redis (L2), row by row.
 
-A row's key is its version's namespace (model and resolved version, so a new active version never
-answers from the old one's entries) and a blake2b digest of its canonical bytes: features packed as
-float64 (so ``1`` and ``1.0`` are one input), an image's own bytes.
+A row's key is a 16-byte blake2b digest of its version's namespace (model and resolved version, so a
+new active version never answers from the old one's entries) followed by the row's canonical bytes:
+features packed as float64 (so ``1`` and ``1.0`` are one input), an image's own bytes.
 
 The hit path is synchronous: when L1 holds every row, ``lookup`` answers with values and the caller
 builds a done future; no batcher, no task, no Redis. Rows that miss L1 go on, in a coroutine, to
@@ -37,7 +37,7 @@ from mlserve.batcher import BatchResult, Rows
 from mlserve.errors import DeadlineExceeded, MlserveError
 from mlserve.redislink import RedisLink
 from mlserve.settings import CacheSettings
-from mlserve.sharedtable import LEAD, PENDING, SharedTable, table_key
+from mlserve.sharedtable import LEAD, PENDING, SharedTable
 
 log = logging.getLogger(__name__)
 
@@ -64,28 +64,37 @@ _encode = msgspec.msgpack.Encoder().encode
 _decode = msgspec.msgpack.Decoder().decode
 
 
-def row_digest(row: Any) -> bytes:
-    """16 bytes that identify a row's content: an image's bytes, or its features as float64."""
-    if isinstance(row, bytes):
-        return hashlib.blake2b(row, digest_size=16).digest()
-    return hashlib.blake2b(struct.pack(f"<{len(row)}d", *row), digest_size=16).digest()
+_PACKERS: dict[int, Callable[..., bytes]] = {}
 
 
-def _resolve(future: asyncio.Future[BatchResult], result: BatchResult) -> None:
-    """Answer a hit, unless its caller went away (a client that hung up cancels its handler)."""
-    if not future.done():
-        future.set_result(result)
+def _packer(width: int) -> Callable[..., bytes]:
+    """Packs a row of ``width`` features as little-endian float64: made once a width (rows reach the
+    cache validated, so only the served versions' widths)."""
+    pack = _PACKERS[width] = struct.Struct(f"<{width}d").pack
+    return pack
 
 
 class CacheView:
     """One version's use of the cache: its key namespace, TTL and counters (read by ``/metrics``)."""
 
-    __slots__ = ("namespace", "ttl_s", "l1_hit", "l1_miss", "redis_hit", "redis_miss", "redis_error", "bypass")
+    __slots__ = ("_seeded", "ttl_s", "l1_hit", "l1_miss", "redis_hit", "redis_miss", "redis_error", "bypass")
 
     def __init__(self, model: str, version: str, ttl_s: float) -> None:
-        self.namespace = f"{model}\x00{version}\x00".encode()
+        self._seeded = hashlib.blake2b(f"{model}\x00{version}\x00".encode(), digest_size=16)
+        """A hasher that has read the namespace: copying it costs less than making one (and a digest
+        size given as an argument costs more than the hashing of a row)."""
         self.ttl_s = ttl_s
         self.l1_hit = self.l1_miss = self.redis_hit = self.redis_miss = self.redis_error = self.bypass = 0
+
+    def key(self, row: Any) -> bytes:
+        """The row's cache key: the digest of this version's namespace and the row's canonical bytes,
+        an image's own or its features as little-endian float64."""
+        hasher = self._seeded.copy()
+        if isinstance(row, bytes):  # an image
+            hasher.update(row)
+        else:
+            hasher.update((_PACKERS.get(len(row)) or _packer(len(row)))(*row))
+        return hasher.digest()
 
     def counts(self) -> dict[tuple[str, str], int]:
         """(layer, result) -> rows, for ``mlserve_cache_requests_total``."""
@@ -160,6 +169,8 @@ class PredictionCache:
         self._shared = shared
         self._awaited: list[tuple[bytes, asyncio.Future[tuple[bytes, float] | None], float]] = []
         """Rows another front end computes, with what waits for them and until when."""
+        self._hits: list[tuple[asyncio.Future[BatchResult], BatchResult]] = []
+        """Hits answered at the next loop iteration, together (``_hit``)."""
         self._lookups: list[tuple[list[bytes], asyncio.Future[list[Any] | None]]] = []
         self._writes: list[tuple[bytes, bytes, int]] = []
         self._writing = False
@@ -183,6 +194,8 @@ class PredictionCache:
         for a coroutine. Each step was measured on the cheap model: a coroutine, a closure and a
         done-callback a request each cost more than the cache lookup itself.
         """
+        if len(rows) == 1 and self._redis is None and self._shared is None:
+            return self._answer_row(view, rows, fresh, submit, timeout_s)
         keys, values, missing = self.lookup(view, rows, fresh)
         loop = self._loop or self._bind()
         if not missing:
@@ -202,6 +215,34 @@ class PredictionCache:
                 return self._hit(values)  # every row from the shared table
         return self._finish(view, rows, keys, values, plan, submit, deadline)
 
+    def _answer_row(
+        self, view: CacheView, rows: Rows, fresh: bool, submit: Submit, timeout_s: float
+    ) -> asyncio.Future[BatchResult] | Awaitable[BatchResult]:
+        """``answer`` for the most common call, one row with L1 the only layer: the same steps without
+        the lists of keys, values and missing indices, and the plan, that a batch needs."""
+        key = view.key(rows[0])
+        if fresh:
+            view.bypass += 1
+        else:
+            value = self._recall(key, (self._loop or self._bind()).time())
+            if value is not MISS:
+                view.l1_hit += 1
+                return self._hit([value])
+            view.l1_miss += 1
+        running = self._running_computation(key)
+        if running is None:
+            return self._compute(view, [key], rows, submit, timeout_s)
+        deadline = (self._loop or self._bind()).time() + timeout_s
+        return self._finish(view, rows, [key], [MISS], ({}, [(0, running)], []), submit, deadline)
+
+    def _recall(self, key: bytes, now: float) -> Any:
+        """The row's value from L1 (now its most recent entry), or ``MISS``."""
+        entry = self._l1.get(key)
+        if entry is None or entry[1] <= now:
+            return MISS
+        self._l1.move_to_end(key)
+        return entry[0]
+
     def _hit(self, values: list[Any]) -> asyncio.Future[BatchResult]:
         """Every row's value found: a future resolved on the next loop iteration, not now. A handler that
         finishes inside the read that brought its request answers one socket per wake-up, which
@@ -209,32 +250,28 @@ class PredictionCache:
         hits together."""
         loop = self._loop or self._bind()
         done: asyncio.Future[BatchResult] = loop.create_future()
-        loop.call_soon(_resolve, done, BatchResult(values, 0.0, cached=True))
+        if not self._hits:
+            loop.call_soon(self._resolve_hits)
+        self._hits.append((done, BatchResult(values, 0.0, cached=True)))
         return done
+
+    def _resolve_hits(self) -> None:
+        """Answer the hits of the last loop iteration, in one loop callback rather than one each; a hit
+        whose caller went away (a client that hung up cancels its handler) is dropped."""
+        hits, self._hits = self._hits, []
+        for done, result in hits:
+            if not done.done():
+                done.set_result(result)
 
     def lookup(self, view: CacheView, rows: Rows, bypass: bool) -> tuple[list[bytes], list[Any], list[int]]:
         """Keys, values found in L1 (``MISS`` elsewhere), and the indices still missing."""
-        namespace = view.namespace
-        if len(rows) == 1:
-            keys = [namespace + row_digest(rows[0])]
-        else:
-            keys = [namespace + row_digest(row) for row in rows]
+        keys = [view.key(rows[0])] if len(rows) == 1 else [view.key(row) for row in rows]
         if bypass:
             view.bypass += len(rows)
             return keys, [MISS] * len(rows), list(range(len(rows)))
-        l1 = self._l1
-        loop = self._loop or self._bind()
-        now = loop.time()
-        values: list[Any] = []
-        missing: list[int] = []
-        for index, key in enumerate(keys):
-            entry = l1.get(key)
-            if entry is not None and entry[1] > now:
-                l1.move_to_end(key)
-                values.append(entry[0])
-            else:
-                values.append(MISS)
-                missing.append(index)
+        now = (self._loop or self._bind()).time()
+        values = [self._recall(key, now) for key in keys]
+        missing = [index for index, value in enumerate(values) if value is MISS]
         view.l1_hit += len(rows) - len(missing)
         view.l1_miss += len(missing)
         return keys, values, missing
@@ -304,7 +341,7 @@ class PredictionCache:
                 followers.append((index, running))
                 continue
             if shared is not None and key not in leaders:
-                claim = shared.claim(table_key(key), deadline, now)
+                claim = shared.claim(key, deadline, now)
                 if claim is PENDING:
                     elsewhere.append(index)
                     continue
@@ -359,7 +396,7 @@ class PredictionCache:
         waited: asyncio.Future[tuple[bytes, float] | None] = loop.create_future()
         if not self._awaited:
             loop.call_later(SHARED_POLL_S, self._poll)
-        self._awaited.append((table_key(key), waited, deadline))
+        self._awaited.append((key, waited, deadline))
         found = await waited
         if found is not None:
             return self._found(key, found)
@@ -397,7 +434,7 @@ class PredictionCache:
         """Let other front ends compute rows this one claimed and will not store."""
         if self._shared is not None:
             for key in keys:
-                self._shared.release(table_key(key))
+                self._shared.release(key)
 
     def stored(self, computation: _Computation, values: list[Any]) -> None:
         """A computation delivered its outputs: store them, and it is no longer in flight."""
@@ -422,7 +459,7 @@ class PredictionCache:
             if shared is not None or self._redis is not None:
                 encoded = _encode(value)
                 if shared is not None:
-                    shared.put(table_key(key), encoded, expires)
+                    shared.put(key, encoded, expires)
                 if self._redis is not None:
                     writes.append((self._prefix + key, encoded, int(view.ttl_s * 1000)))
         if writes and self._breaker.allows(loop.time()) and len(self._writes) < MAX_PENDING_WRITES:

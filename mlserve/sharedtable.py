@@ -5,7 +5,7 @@ any of them. This table, mapped by all of them, makes a row computed by one a hi
 lets one computation of a row serve the same row asked of several front ends at once (single-flight
 across processes), as a single front end does by itself.
 
-A slot is chosen by the row's key, as in a direct-mapped CPU cache: a newer row whose key falls in a
+A slot is chosen by the row's key (the cache's 16-byte digest), as in a direct-mapped CPU cache: a newer row whose key falls in a
 taken slot replaces the older one. No reader locks anything. Each slot carries a checksum of its
 contents, so a read that met a write halfway (two front ends may write one slot at once) fails the
 check and counts as a miss, never as another row's answer. Only a *claim*, which turns a miss into
@@ -39,11 +39,6 @@ Found = tuple[bytes, float]
 """A row's encoded value and when it expires."""
 Claim = Found | Literal["pending", "lead"]
 """What a claim found: the value, another process computing the row, or the row is now this one's to compute."""
-
-
-def table_key(key: bytes) -> bytes:
-    """16 bytes for an L1 key (its version's namespace and the row's digest), whatever its length."""
-    return hashlib.blake2b(key, digest_size=16).digest()
 
 
 def _checksum(body: bytes | memoryview) -> bytes:

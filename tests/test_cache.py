@@ -16,7 +16,7 @@ from pathlib import Path
 import aiohttp
 import pytest
 
-from mlserve.cache import CacheView, PredictionCache, row_digest
+from mlserve.cache import CacheView, PredictionCache
 from mlserve.demo_models import IRIS
 from mlserve.settings import CacheSettings
 from redisproc import RedisProc
@@ -41,12 +41,15 @@ async def rows_computed(
 # -- in-process ----------------------------------------------------------------------------------------
 
 
-def test_key_is_the_rows_float64_content() -> None:
-    assert row_digest([1, 2, 3, 4]) == row_digest([1.0, 2.0, 3.0, 4.0])
-    assert row_digest([1.0, 2.0, 3.0, 4.0]) != row_digest([1.0, 2.0, 3.0, 4.000001])
-    assert row_digest([1.0, 2.0]) != row_digest([1.0, 2.0, 0.0]), "the width is part of the content"
-    assert row_digest(b"\x89PNG...") != row_digest(b"\x89PNG..!")
-    assert CacheView("m", "v1", 1).namespace != CacheView("m", "v2", 1).namespace
+def test_key_is_the_version_and_the_rows_float64_content() -> None:
+    view = CacheView("m", "v1", 1)
+    assert view.key([1, 2, 3, 4]) == view.key([1.0, 2.0, 3.0, 4.0])
+    assert view.key([1.0, 2.0, 3.0, 4.0]) != view.key([1.0, 2.0, 3.0, 4.000001])
+    assert view.key([1.0, 2.0]) != view.key([1.0, 2.0, 0.0]), "the width is part of the content"
+    assert view.key(b"\x89PNG...") != view.key(b"\x89PNG..!")
+    assert view.key([1.0]) != CacheView("m", "v2", 1).key([1.0]) != CacheView("m2", "v1", 1).key([1.0])
+    assert view.key([1.0]) == CacheView("m", "v1", 1).key([1.0]), "one key in every process and replica"
+    assert len(view.key(b"any image")) == 16
 
 
 async def test_l1_is_an_lru_with_a_ttl() -> None:

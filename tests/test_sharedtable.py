@@ -8,9 +8,10 @@ import sys
 import time
 from pathlib import Path
 
-from mlserve.sharedtable import HEADER, LEAD, MAX_VALUE_BYTES, PENDING, SLOT_BYTES, SharedTable, table_key
+from mlserve.sharedtable import HEADER, LEAD, MAX_VALUE_BYTES, PENDING, SLOT_BYTES, SharedTable
 
-KEY = table_key(b"iris\x00v1\x00" + bytes(16))
+KEY = bytes(range(16))
+"""Keys are the cache's 16-byte row keys (``CacheView.key``)."""
 SLOTS = 64
 
 
@@ -31,7 +32,7 @@ def test_what_one_process_stores_another_finds_until_it_expires(tmp_path: Path) 
     table = SharedTable(str(path), SLOTS)
     found = table.look(KEY, time.monotonic())
     assert found is not None and found[0] == b"answer"
-    assert table.look(table_key(b"another row"), time.monotonic()) is None
+    assert table.look(b"another row here", time.monotonic()) is None
     assert table.look(KEY, time.monotonic() + 0.3) is None, "expired"
 
 
@@ -44,7 +45,7 @@ def test_a_claim_makes_one_process_the_rows_computer_until_it_stores_or_releases
     assert in_another_process(path, f"import time; print(table.look({KEY!r}, time.monotonic()))") == PENDING
     table.put(KEY, b"answer", now + 60)
     assert claim_elsewhere(path, KEY).startswith("(b'answer'")
-    other = table_key(b"a row whose batch failed")
+    other = b"a failed row key"
     assert table.claim(other, now + 60, now) == LEAD
     table.release(other)
     assert claim_elsewhere(path, other) == LEAD, "released: the next process to ask computes it at once"
