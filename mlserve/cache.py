@@ -194,14 +194,16 @@ class PredictionCache:
         for a coroutine. Each step was measured on the cheap model: a coroutine, a closure and a
         done-callback a request each cost more than the cache lookup itself.
         """
-        if len(rows) == 1 and self._redis is None and self._shared is None:
+        if len(rows) == 1 and self._shared is None:
             return self._answer_row(view, rows, fresh, submit, timeout_s)
         keys, values, missing = self.lookup(view, rows, fresh)
         loop = self._loop or self._bind()
         if not missing:
             return self._hit(values)
-        if self._redis is not None and not fresh and self._breaker.allows(now := loop.time()):
-            return self._complete(view, rows, keys, values, missing, submit, now + timeout_s, fresh)
+        if self._redis is not None and not fresh:
+            if self._breaker.allows(now := loop.time()):
+                return self._complete(view, rows, keys, values, missing, submit, now + timeout_s, fresh)
+            view.redis_error += len(missing)
         if (self._shared is None or fresh) and len(missing) == len(rows) and self._none_running(keys):
             return self._compute(view, keys, rows, submit, timeout_s)
         deadline = loop.time() + timeout_s
@@ -218,17 +220,22 @@ class PredictionCache:
     def _answer_row(
         self, view: CacheView, rows: Rows, fresh: bool, submit: Submit, timeout_s: float
     ) -> asyncio.Future[BatchResult] | Awaitable[BatchResult]:
-        """``answer`` for the most common call, one row with L1 the only layer: the same steps without
-        the lists of keys, values and missing indices, and the plan, that a batch needs."""
+        """``answer`` for the most common call, one row on one front end: the same steps without the
+        lists of keys, values and missing indices, and the plan, that a batch needs. While Redis's
+        breaker is open a miss goes straight to the batcher, as with no Redis at all."""
         key = view.key(rows[0])
         if fresh:
             view.bypass += 1
         else:
-            value = self._recall(key, (self._loop or self._bind()).time())
+            value = self._recall(key, now := (self._loop or self._bind()).time())
             if value is not MISS:
                 view.l1_hit += 1
                 return self._hit([value])
             view.l1_miss += 1
+            if self._redis is not None:
+                if self._breaker.allows(now):
+                    return self._complete(view, rows, [key], [MISS], [0], submit, now + timeout_s, fresh)
+                view.redis_error += 1
         running = self._running_computation(key)
         if running is None:
             return self._compute(view, [key], rows, submit, timeout_s)
@@ -446,23 +453,26 @@ class PredictionCache:
 
     def store(self, view: CacheView, keys: Sequence[bytes], values: Sequence[Any]) -> None:
         loop = self._loop or self._bind()
-        expires = loop.time() + view.ttl_s
+        now = loop.time()
+        expires = now + view.ttl_s
         limit = self._l1_entries
         writes = []
         shared = self._shared
+        # Nothing for Redis while its breaker is open, or while it is too far behind to take more.
+        to_redis = self._redis is not None and self._breaker.allows(now) and len(self._writes) < MAX_PENDING_WRITES
         for key, value in zip(keys, values):
             if isinstance(value, MlserveError):
                 self.release((key,))
                 continue  # this row's own failure (an image that did not decode): never cached
             if limit:
                 self._remember(key, value, expires)
-            if shared is not None or self._redis is not None:
+            if shared is not None or to_redis:
                 encoded = _encode(value)
                 if shared is not None:
                     shared.put(key, encoded, expires)
-                if self._redis is not None:
+                if to_redis:
                     writes.append((self._prefix + key, encoded, int(view.ttl_s * 1000)))
-        if writes and self._breaker.allows(loop.time()) and len(self._writes) < MAX_PENDING_WRITES:
+        if writes:
             self._writes += writes
             if not self._writing:
                 self._writing = True

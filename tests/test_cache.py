@@ -226,7 +226,10 @@ async def test_failing_redis_costs_hits_never_answers(
     assert not bad, f"{len(bad)} of {len(answers)} failed, first: {bad[0].status} {bad[0].text}"
     slowest = max(latency for latency, _ in answers)
     assert slowest < DEADLINE_MS / 1000, f"a request took {slowest:.2f}s"
-    assert (await scrape(http, server)).value("mlserve_cache_breaker_open") == 1
+    metrics = await scrape(http, server)
+    assert metrics.value("mlserve_cache_breaker_open") == 1
+    errors = metrics.value("mlserve_cache_requests_total", model=IRIS, version="v2", layer="redis", result="error")
+    assert errors == len(answers), "every row Redis was not asked for, or failed to answer, counts as an error"
     if failure == "killed":
         redis.start()
 
