@@ -48,7 +48,7 @@ def write_all(run: dict[str, Any], out_dir: Path, date: str) -> dict[str, Path]:
         "open_loop_png": out_dir / f"{date}-open-loop.png",
         "batches_png": out_dir / f"{date}-batches.png",
     }
-    if any(p.get("cache") for p in run["points"]) or run.get("outage"):
+    if any(p.get("cache") for p in run["points"]) or run.get("outages"):
         paths["cache_png"] = out_dir / f"{date}-cache.png"
     if run.get("frontends"):
         paths["frontends_png"] = out_dir / f"{date}-frontends.png"
@@ -185,8 +185,7 @@ def _cache_tables(run: dict[str, Any]) -> list[str]:
             out.append(f"| {p['label']} | {p['concurrency']} | {p['rps']:.0f} | {_pct(r.get('vs_floor'))} "
                        f"| {_pct(r.get('vs_cache_off'))} | {p['p50_ms']:.2f} | {p['p99_ms']:.2f} | {p['non2xx']} |")
         out.append("")
-    outage = run.get("outage")
-    if outage:
+    for outage in run.get("outages", []):
         out += [f"### {outage['label']}", "", "| second | Redis | req/s | p99 ms | non-2xx | socket errors |",
                 "|--:|---|--:|--:|--:|--:|"]
         for s in outage["slices"]:
@@ -443,11 +442,14 @@ def plot_cache(run: dict[str, Any], path: Path) -> None:
     bars.invert_yaxis()
     bars.set_xlabel("req/s at 64 connections")
     bars.grid(True, axis="x", alpha=0.3)
-    outage = run.get("outage")
-    if outage:
+    outages = run.get("outages", [])
+    for outage in outages:
         seconds = [s["second"] for s in outage["slices"]]
-        timeline.plot(seconds, [s["rps"] for s in outage["slices"]], marker="o", label="cache on Redis (L1 off)")
-        down = [s["second"] for s in outage["slices"] if s["redis"] == "down"]
+        baseline = " (baseline build)" if "baseline build" in outage["label"] else ""
+        timeline.plot(seconds, [s["rps"] for s in outage["slices"]], marker="o",
+                      label=f"cache on Redis (L1 off){baseline}")
+    if outages:
+        down = [s["second"] for s in outages[0]["slices"] if s["redis"] == "down"]
         if down:
             timeline.axvspan(min(down) - 0.5, max(down) + 0.5, color="red", alpha=0.12, label="Redis killed")
         if "v1-on" in at64:

@@ -507,8 +507,9 @@ def _run_scenario(
                 return
         if scenario.outage and plan.redis is not None and at_rates_of is None:
             progress.start(f"{scenario.label}: {sum(OUTAGE_SLICES)} one-second slices")
-            run_record["outage"] = _measure_outage(server, scenario, plan, plan.redis)
-            progress.end(_outage_summary(run_record["outage"]))
+            outage = _measure_outage(server, scenario, plan, plan.redis)
+            run_record.setdefault("outages", []).append(outage)  # one a build, with --baseline
+            progress.end(_outage_summary(outage))
         rates_of = at_rates_of or scenario
         reference = _open_loop_reference(run_record["points"], rates_of)
         for fraction in OPEN_LOOP_FRACTIONS if open_loop and reference else ():
