@@ -16,7 +16,7 @@ from collections.abc import AsyncIterator, Callable
 from aiohttp import web
 from aiohttp.web_runner import GracefulExit
 
-from mlserve import connections, frontends
+from mlserve import connections, siblings
 from mlserve.api import admin, docs, experiments, health, invocations, models, predict, v2
 from mlserve.api.errors import add_fallback_route, guard
 from mlserve.api.keys import (
@@ -132,10 +132,10 @@ async def _gc_ctx(app: web.Application) -> AsyncIterator[None]:
     gc.unfreeze()
 
 
-def create_app(settings: Settings, role: frontends.Role | None = None) -> web.Application:
+def create_app(settings: Settings, role: siblings.Role | None = None) -> web.Application:
     """Build everything and check the repository now; processes start only when the app does.
 
-    ``role`` says which of several front ends this is (``mlserve.frontends``): the state store is
+    ``role`` says which of several front ends this is (``mlserve.siblings``): the state store is
     then shared with its siblings, and ``/metrics`` gathers theirs.
 
     A bad repository or settings error raises here, before any worker exists: aiohttp does not run
@@ -179,14 +179,14 @@ def create_app(settings: Settings, role: frontends.Role | None = None) -> web.Ap
     health.add_routes(app)
     invocations.add_routes(app)
     v2.add_routes(app)
-    scrape = app[METRICS].handle if role is None else frontends.whole_server_metrics(app[METRICS], role)
+    scrape = app[METRICS].handle if role is None else siblings.whole_server_metrics(app[METRICS], role)
     app.router.add_get("/metrics", guard(scrape), name="metrics")
     docs.add_routes(app, documented())
     add_fallback_route(app)
     return app
 
 
-def run(settings: Settings, role: frontends.Role | None = None, on_listening: Callable[[], None] | None = None) -> None:
+def run(settings: Settings, role: siblings.Role | None = None, on_listening: Callable[[], None] | None = None) -> None:
     """Serve until SIGTERM or SIGINT, then drain and stop; as one of several front ends with ``role``."""
     app = create_app(settings, role)
     connections.serve(

@@ -4,8 +4,8 @@ A row's key is a 16-byte blake2b digest of its version's namespace (model and re
 new active version never answers from the old one's entries) followed by the row's canonical bytes:
 features packed as float64 (so ``1`` and ``1.0`` are one input), an image's own bytes.
 
-The hit path is synchronous: when L1 holds every row, ``lookup`` answers with values and the caller
-builds a done future; no batcher, no task, no Redis. Rows that miss L1 go on, in a coroutine, to
+The hit path is synchronous: when L1 holds every row (``_recall``), the caller gets a future that the
+next loop iteration resolves; no batcher, no task, no Redis. Rows that miss L1 go on, in a coroutine, to
 Redis, where every lookup made in one loop iteration shares one ``MGET``; then to the batcher, where
 identical rows in flight share one computation (single-flight). Results are written to L1 at once
 and to Redis in pipelined batches that no caller awaits. Errors are never stored.
@@ -224,10 +224,11 @@ class PredictionCache:
         lists of keys, values and missing indices, and the plan, that a batch needs. While Redis's
         breaker is open a miss goes straight to the batcher, as with no Redis at all."""
         key = view.key(rows[0])
+        loop = self._loop or self._bind()
         if fresh:
             view.bypass += 1
         else:
-            value = self._recall(key, now := (self._loop or self._bind()).time())
+            value = self._recall(key, now := loop.time())
             if value is not MISS:
                 view.l1_hit += 1
                 return self._hit([value])
@@ -239,8 +240,7 @@ class PredictionCache:
         running = self._running_computation(key)
         if running is None:
             return self._compute(view, [key], rows, submit, timeout_s)
-        deadline = (self._loop or self._bind()).time() + timeout_s
-        return self._finish(view, rows, [key], [MISS], ({}, [(0, running)], []), submit, deadline)
+        return self._finish(view, rows, [key], [MISS], ({}, [(0, running)], []), submit, loop.time() + timeout_s)
 
     def _recall(self, key: bytes, now: float) -> Any:
         """The row's value from L1 (now its most recent entry), or ``MISS``."""

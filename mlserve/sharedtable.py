@@ -5,12 +5,13 @@ any of them. This table, mapped by all of them, makes a row computed by one a hi
 lets one computation of a row serve the same row asked of several front ends at once (single-flight
 across processes), as a single front end does by itself.
 
-A slot is chosen by the row's key (the cache's 16-byte digest), as in a direct-mapped CPU cache: a newer row whose key falls in a
-taken slot replaces the older one. No reader locks anything. Each slot carries a checksum of its
-contents, so a read that met a write halfway (two front ends may write one slot at once) fails the
-check and counts as a miss, never as another row's answer. Only a *claim*, which turns a miss into
-"I compute this row" or "another front end is computing it", takes a lock, on that slot's byte of the
-file (``fcntl.lockf``), for the microseconds its read and write take.
+A slot is chosen by the row's key (the cache's 16-byte digest), as in a direct-mapped CPU cache: a
+newer row whose key falls in a taken slot replaces the older one. No reader locks anything. Each
+slot carries a checksum of its contents, so a read that met a write halfway (two front ends may
+write one slot at once) fails the check and counts as a miss, never as another row's answer. Only a
+*claim*, which turns a miss into "I compute this row" or "another front end is computing it", takes
+a lock, on that slot's byte of the file (``fcntl.lockf``), for the microseconds its read and write
+take.
 
 Times are ``time.monotonic()``, the event loop's clock, which is one clock for every process of the
 machine.

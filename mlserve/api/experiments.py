@@ -19,7 +19,7 @@ from mlserve.api.keys import CONTROL, REGISTRY, ROLE, SERVICE
 from mlserve.api.routedoc import RouteDoc
 from mlserve.errors import ModelNotFound
 from mlserve.experiments import Experiment
-from mlserve.frontends import ONE_FRONTEND, ask_siblings
+from mlserve.siblings import ONE_FRONTEND, ask_siblings
 from mlserve.schemas import ExperimentView
 
 _view_decoder = msgspec.json.Decoder(ExperimentView)

@@ -7,7 +7,7 @@ from aiohttp import web
 from mlserve.batcher import BatchResult
 from mlserve.cache import PredictionCache
 from mlserve.control import ControlPlane
-from mlserve.frontends import Role
+from mlserve.siblings import Role
 from mlserve.loopload import LoopLoad
 from mlserve.metrics import Metrics
 from mlserve.pool import WorkerPool
@@ -27,7 +27,7 @@ PREDICTION_LOG = web.AppKey("prediction_log", PredictionLog)
 """Present only when ``[prediction_log] enabled``: its absence is what keeps the log off the request path."""
 LOOP_LOAD = web.AppKey("loop_load", LoopLoad)
 ROLE = web.AppKey("role", Role)
-"""Set only in a front end among several (``mlserve.frontends``)."""
+"""Set only in a front end among several (``mlserve.frontends``, ``mlserve.siblings``)."""
 SERVED = web.RequestKey("served", ServedVersion)
 """Request-scoped: the version that answered, so `guard` can label its metrics."""
 CALL = web.RequestKey("call", Call)
