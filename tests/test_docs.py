@@ -211,6 +211,8 @@ def test_a_value_beyond_float32_is_refused_before_it_is_batched(docs_server: Ser
         ("/predict", {"json": {"features": huge}}, "$.features[2]"),
         ("/predict/batch", {"json": {"samples": [ROW] * 12 + [[-1e39, *ROW[1:]]]}}, "$.samples[12][0]"),
         ("/invocations", {"json": {"instances": [ROW, huge]}}, "$.instances[1][2]"),
+        # A few rows are checked through their float64 sums: two finite values whose sum overflows.
+        ("/predict", {"json": {"features": [1e308, 1e308, 1.0, 1.0]}}, "$.features[0]"),
     ]
     for path, body, where in calls:
         reply = requests.post(docs_server.url(path), timeout=10, **body)
