@@ -445,9 +445,9 @@ def plot_cache(run: dict[str, Any], path: Path) -> None:
     outages = run.get("outages", [])
     for outage in outages:
         seconds = [s["second"] for s in outage["slices"]]
-        baseline = " (baseline build)" if "baseline build" in outage["label"] else ""
+        build = " (baseline build)" if outage.get("baseline") else ""
         timeline.plot(seconds, [s["rps"] for s in outage["slices"]], marker="o",
-                      label=f"cache on Redis (L1 off){baseline}")
+                      label=f"cache on Redis (L1 off){build}")
     if outages:
         down = [s["second"] for s in outages[0]["slices"] if s["redis"] == "down"]
         if down:

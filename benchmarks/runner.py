@@ -579,7 +579,7 @@ def _measure_outage(
                        "p99_ms": round(result.p99_ms, 2), "non2xx": result.non2xx,
                        "socket_errors": result.errors_connect + result.errors_read + result.errors_write
                        + result.errors_timeout})
-    return {"scenario": scenario.name, "label": scenario.label, "slices": slices}
+    return {"scenario": scenario.name, "label": scenario.label, "baseline": scenario.baseline, "slices": slices}
 
 
 def _outage_summary(outage: dict[str, Any]) -> str:

@@ -1,8 +1,9 @@
 """The prediction cache: an in-process LRU (L1) in front of an optional shared Redis (L2), row by row.
 
-A row's key is a 16-byte blake2b digest of its version's namespace (model and resolved version, so a
-new active version never answers from the old one's entries) followed by the row's canonical bytes:
-features packed as float64 (so ``1`` and ``1.0`` are one input), an image's own bytes.
+A row's key is a 16-byte blake2b digest of two things read in turn: its version's namespace (model
+and resolved version, so a new active version never answers from the old one's entries), then the
+row's canonical bytes: features packed as float64 (so ``1`` and ``1.0`` are one input), an image's
+own bytes.
 
 The hit path is synchronous: when L1 holds every row (``_recall``), the caller gets a future that the
 next loop iteration resolves; no batcher, no task, no Redis. Rows that miss L1 go on, in a coroutine, to
